@@ -1,0 +1,399 @@
+"""Fused LM-head log-prob and entropy, never materializing the [N, V] logits.
+
+Forward (one Triton kernel): each program owns BLOCK_N tokens and one slice of the vocabulary; it
+computes logits tiles with `tl.dot` and folds them into an online log-sum-exp state (running max
+m, Σe^{z-m}, Σe^{z-m}(z-m) for the entropy, and the target logit). The per-slice states, a few
+floats per token, are combined on the host. Nothing of size N·V exists.
+
+Backward: the vocabulary is walked in chunks of VC columns. A Triton kernel recomputes a chunk's
+logits and writes the logit gradient dz [N, VC] (per-token coefficients from the upstream
+gradients of log-prob and entropy, temperature applied); two cuBLAS matmuls then give
+grad_hidden += dz @ W_c (accumulated in fp32 across chunks) and grad_weight[c] = dzᵀ @ hidden
+(each weight row written once, fp32 accumulation inside the GEMM, never summed in bf16). The
+chunk is sized by a byte budget (`RESRL_WORKSPACE_MB`, default 256), so memory is
+O(N·D + V·D + N·VC).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._dispatch import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    interpreting,
+    raise_if_any,
+    select_impl,
+    value_checks_enabled,
+)
+from kernels.chunked import linear_logprob_torch
+
+
+@triton.jit
+def _logprob_fwd_kernel(
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    part_ptr,  # [4, SPLITS, N] fp32: running max, Σe^{z-m}, Σe^{z-m}(z-m), target logit
+    N,
+    V,
+    D,
+    v_per_split,
+    stride_hn,
+    stride_wv,
+    inv_t,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAST_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    t = tl.zeros([BLOCK_N], tl.float32)
+    tgt_logit = tl.zeros([BLOCK_N], tl.float32)
+
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            h = tl.load(
+                h_ptr + rows[:, None] * stride_hn + offs_d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )  # [BLOCK_N, BLOCK_D]
+            w = tl.load(
+                w_ptr + cols[:, None] * stride_wv + offs_d[None, :],
+                mask=col_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )  # [BLOCK_V, BLOCK_D]
+            if CAST_F32:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+        z = tl.where(col_mask[None, :], acc * inv_t, float("-inf"))  # [BLOCK_N, BLOCK_V]
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # First tile: m = -inf, s = t = 0; keep the rescale finite.
+        shift = tl.where(m == float("-inf"), 0.0, m - m_new)
+        alpha = tl.exp(shift)
+        zc = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
+        ez = tl.where(col_mask[None, :], tl.exp(zc), 0.0)
+        t = alpha * (t + s * shift) + tl.sum(ez * zc, axis=1)
+        s = alpha * s + tl.sum(ez, axis=1)
+        is_tgt = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
+        tgt_logit += tl.sum(tl.where(is_tgt, z, 0.0), axis=1)
+        m = m_new
+
+    base = pid_s * N + rows
+    stride_q = n_splits * N
+    tl.store(part_ptr + base, m, mask=row_mask)
+    tl.store(part_ptr + stride_q + base, s, mask=row_mask)
+    tl.store(part_ptr + 2 * stride_q + base, t, mask=row_mask)
+    tl.store(part_ptr + 3 * stride_q + base, tgt_logit, mask=row_mask)
+
+
+@triton.jit
+def _dlogits_kernel(
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    lse_ptr,
+    ent_ptr,
+    glp_ptr,
+    gent_ptr,
+    dz_ptr,  # [N, VC] in the input dtype
+    N,
+    V,
+    D,
+    v_offset,
+    vc,
+    stride_hn,
+    stride_wv,
+    stride_dzn,
+    inv_t,
+    HAS_ENT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAST_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    cols_local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = v_offset + cols_local
+    col_mask = (cols_local < vc) & (cols < V)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        h = tl.load(
+            h_ptr + rows[:, None] * stride_hn + offs_d[None, :],
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols[:, None] * stride_wv + offs_d[None, :],
+            mask=col_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if CAST_F32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g_lp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
+    logp = acc * inv_t - lse[:, None]
+    p = tl.exp(logp)
+    # d logprob / d z_j = 1[j = target] - p_j
+    dz = tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0) - p * g_lp[:, None]
+    if HAS_ENT:
+        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        g_ent = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
+        # d H / d z_j = -p_j (log p_j + H)
+        dz -= g_ent[:, None] * p * (logp + ent[:, None])
+    dz = dz * inv_t
+    tl.store(
+        dz_ptr + rows[:, None] * stride_dzn + cols_local[None, :],
+        dz.to(dz_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
+
+
+def _tile_config(dtype: torch.dtype) -> dict:
+    if interpreting():
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, CAST_F32=True, PRECISION="ieee", launch={})
+    if dtype == torch.float32:
+        return dict(
+            BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, CAST_F32=False, PRECISION="ieee",
+            launch=dict(num_warps=4, num_stages=2),
+        )  # fmt: skip
+    return dict(
+        BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, CAST_F32=False, PRECISION="tf32",
+        launch=dict(num_warps=8, num_stages=3),
+    )  # fmt: skip
+
+
+def _kernel_args(cfg: dict) -> tuple[dict, dict]:
+    consts = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "CAST_F32", "PRECISION")}
+    return consts, cfg["launch"]
+
+
+def _num_splits(n: int, v: int, block_n: int, block_v: int, device: torch.device) -> int:
+    """Vocabulary slices per token block: enough programs to fill the GPU, never an empty slice."""
+    n_blocks = triton.cdiv(n, block_n)
+    v_tiles = triton.cdiv(v, block_v)
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        # The interpreter runs programs one by one; two slices keep the combine path exercised.
+        target = 2 * n_blocks
+    return max(1, min(v_tiles, triton.cdiv(target, n_blocks)))
+
+
+def logprob_forward(
+    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, target_N: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel; returns (logprob [N], lse [N], entropy [N]), all fp32."""
+    n, d = hidden_ND.shape
+    v = weight_VD.shape[0]
+    cfg = _tile_config(hidden_ND.dtype)
+    consts, launch = _kernel_args(cfg)
+    splits = _num_splits(n, v, cfg["BLOCK_N"], cfg["BLOCK_V"], hidden_ND.device)
+    v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+    splits = triton.cdiv(v, v_per_split)
+    part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden_ND.device)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), splits)
+    _logprob_fwd_kernel[grid](
+        hidden_ND, weight_VD, target_N, part, n, v, d, v_per_split,
+        hidden_ND.stride(0), weight_VD.stride(0), 1.0 / temperature, **consts, **launch,
+    )  # fmt: skip
+    m, s, t, tgt_logit = part.unbind(0)  # each [SPLITS, N]
+    m_max = m.max(0).values
+    scale = torch.exp(m - m_max)
+    shift = m - m_max
+    s_tot = (s * scale).sum(0)
+    t_tot = (scale * (t + s * shift)).sum(0)
+    log_s = torch.log(s_tot)
+    lse_N = m_max + log_s
+    logprob_N = tgt_logit.sum(0) - lse_N
+    entropy_N = log_s - t_tot / s_tot
+    return logprob_N, lse_N, entropy_N
+
+
+def _workspace_bytes() -> int:
+    raw = os.environ.get("RESRL_WORKSPACE_MB", "256")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"RESRL_WORKSPACE_MB={raw!r} must be a positive number of MiB") from None
+    if mb <= 0:
+        raise ValueError(f"RESRL_WORKSPACE_MB={raw!r} must be a positive number of MiB")
+    return int(mb * 2**20)
+
+
+_FP32_ACCUMULATE: dict[str, bool] = {}
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with fp32 accumulation, without rounding the product to bf16 first."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    key = acc.device.type
+    if _FP32_ACCUMULATE.get(key, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _FP32_ACCUMULATE[key] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FP32_ACCUMULATE[key] = False
+    acc.addmm_(a.float(), b.float())
+
+
+def logprob_backward(
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    target_N: torch.Tensor,
+    lse_N: torch.Tensor,
+    entropy_N: torch.Tensor | None,
+    grad_logprob_N: torch.Tensor,
+    grad_entropy_N: torch.Tensor | None,
+    temperature: float,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    n, d = hidden_ND.shape
+    v = weight_VD.shape[0]
+    cfg = _tile_config(hidden_ND.dtype)
+    consts, launch = _kernel_args(cfg)
+    block_v = cfg["BLOCK_V"]
+    bytes_per_col = n * hidden_ND.element_size()
+    vc = max(block_v, (_workspace_bytes() // bytes_per_col) // block_v * block_v)
+    vc = min(vc, triton.cdiv(v, block_v) * block_v)
+    dz = torch.empty(n, vc, dtype=hidden_ND.dtype, device=hidden_ND.device)
+    grad_h_f32 = torch.zeros(n, d, dtype=torch.float32, device=hidden_ND.device) if need_hidden else None
+    grad_w = torch.empty_like(weight_VD) if need_weight else None
+    has_ent = grad_entropy_N is not None
+    ent = entropy_N if has_ent else lse_N
+    g_ent = grad_entropy_N if has_ent else lse_N
+    for v0 in range(0, v, vc):
+        width = min(vc, v - v0)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(width, block_v))
+        _dlogits_kernel[grid](
+            hidden_ND, weight_VD, target_N, lse_N, ent, grad_logprob_N, g_ent, dz,
+            n, v, d, v0, width, hidden_ND.stride(0), weight_VD.stride(0), dz.stride(0),
+            1.0 / temperature, HAS_ENT=has_ent, **consts, **launch,
+        )  # fmt: skip
+        dz_c = dz[:, :width]
+        if need_hidden:
+            _accumulate_mm(grad_h_f32, dz_c, weight_VD[v0 : v0 + width])
+        if need_weight:
+            torch.mm(dz_c.T, hidden_ND, out=grad_w[v0 : v0 + width])
+    grad_h = grad_h_f32.to(hidden_ND.dtype) if need_hidden else None
+    return grad_h, grad_w
+
+
+class TritonLinearLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, target_N, temperature: float, return_entropy: bool):
+        logprob_N, lse_N, entropy_N = logprob_forward(hidden_ND, weight_VD, target_N, temperature)
+        ctx.save_for_backward(hidden_ND, weight_VD, target_N, lse_N, entropy_N)
+        ctx.temperature = temperature
+        ctx.return_entropy = return_entropy
+        return logprob_N, (entropy_N if return_entropy else None)
+
+    @staticmethod
+    def backward(ctx, grad_logprob_N, grad_entropy_N):
+        hidden_ND, weight_VD, target_N, lse_N, entropy_N = ctx.saved_tensors
+        if grad_logprob_N is None:
+            grad_logprob_N = torch.zeros_like(lse_N)
+        if not ctx.return_entropy:
+            grad_entropy_N = None
+        grad_h, grad_w = logprob_backward(
+            hidden_ND, weight_VD, target_N, lse_N, entropy_N,
+            grad_logprob_N.float().contiguous(),
+            None if grad_entropy_N is None else grad_entropy_N.float().contiguous(),
+            ctx.temperature, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )  # fmt: skip
+        return grad_h, grad_w, None, None, None
+
+
+def linear_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-softmax of `hidden @ weight.T / temperature` at `target`, and optionally its entropy.
+
+    Args:
+        hidden: [N, D] fp32, bf16 or fp16 (final hidden states; any N, including 1).
+        weight: [V, D], same dtype and device as `hidden` (the LM head; tied embeddings are fine).
+        target: [N] int64 (int32 accepted) token ids in [0, V).
+        temperature: > 0; logits are divided by it (sampling and training alike).
+        return_entropy: also return the entropy of each token's distribution.
+
+    Returns:
+        (logprob [N] fp32, entropy [N] fp32 or None). Differentiable w.r.t. `hidden` and
+        `weight` through both outputs; the [N, V] logits are never materialized.
+    """
+    check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
+    check_tensor("weight", weight, 2, FLOAT_DTYPES)
+    check_tensor("target", target, 1, (torch.int64, torch.int32))
+    check_same_device(hidden=hidden, weight=weight, target=target)
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    n, d = hidden.shape
+    v, dw = weight.shape
+    if d != dw:
+        raise ValueError(f"hidden is [N={n}, D={d}] but weight is [V={v}, D={dw}]: D must match")
+    if target.shape[0] != n:
+        raise ValueError(f"target has {target.shape[0]} entries but hidden has N={n} rows")
+    if v == 0:
+        raise ValueError("weight has V=0 rows: the vocabulary must not be empty")
+    temperature = float(temperature)
+    if not (temperature > 0.0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    target = target.long()
+    if value_checks_enabled() and n > 0:
+        raise_if_any(
+            {
+                f"target has ids outside the vocabulary [0, {v})": ((target < 0) | (target >= v)).any(),
+                "hidden contains NaN or Inf": ~torch.isfinite(hidden).all(),
+                "weight contains NaN or Inf": ~torch.isfinite(weight).all(),
+            }
+        )
+    if n == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0 + weight.sum() * 0
+        return empty, (empty.clone() if return_entropy else None)
+    impl = select_impl(hidden.device)
+    if impl == "torch":
+        return linear_logprob_torch(hidden, weight, target, temperature, return_entropy)
+    return TritonLinearLogprob.apply(
+        hidden.contiguous(), weight.contiguous(), target.contiguous(), temperature, return_entropy
+    )

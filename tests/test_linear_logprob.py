@@ -1,0 +1,290 @@
+"""linear_logprob against the float64 full-logits reference: outputs and both gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kernels.chunked
+from kernels import linear_logprob
+from kernels.reference import linear_logprob_reference
+
+IMPLS = ["torch", "triton"]
+# Relative (to the max magnitude) error allowed against float64 on the same rounded inputs.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+# name: (N, D, V)
+SHAPES = {
+    "one_token": (1, 32, 50),
+    "not_block_multiples": (37, 40, 131),
+    "qwen_vocab_scaled": (23, 32, 1187),  # 151936 = 128 * 1187
+    "wide_hidden": (9, 136, 70),
+}
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request, monkeypatch):
+    monkeypatch.setenv("RESRL_KERNEL_IMPL", request.param)
+    return request.param
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def make_inputs(n, d, v, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).to(dtype)
+    weight = (torch.randn(v, d, generator=g) * d**-0.5 * 2).to(dtype)
+    target = torch.randint(0, v, (n,), generator=g)
+    return hidden, weight, target
+
+
+def coefficients(n, seed=1):
+    """Upstream gradients with zeros and negatives, as advantages and ResRL weights produce."""
+    g = torch.Generator().manual_seed(seed)
+    coef = torch.randn(n, generator=g, dtype=torch.float64)
+    coef[::3] = 0.0
+    return coef
+
+
+def run_both(hidden, weight, target, temperature, return_entropy, coef_lp, coef_ent):
+    """Returns (outputs, grads) of the kernel and of the float64 reference on the same inputs."""
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    lp, ent = linear_logprob(h, w, target, temperature=temperature, return_entropy=return_entropy)
+    loss = (lp * coef_lp.float()).sum()
+    if return_entropy:
+        loss = loss + (ent * coef_ent.float()).sum()
+    loss.backward()
+
+    h64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    lp64, ent64 = linear_logprob_reference(
+        h64, w64, target, temperature=temperature, return_entropy=return_entropy
+    )
+    loss64 = (lp64 * coef_lp).sum()
+    if return_entropy:
+        loss64 = loss64 + (ent64 * coef_ent).sum()
+    loss64.backward()
+    return (lp, ent, h.grad, w.grad), (lp64, ent64, h64.grad, w64.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("return_entropy", [False, True], ids=["logprob", "logprob+entropy"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_matches_reference(impl, shape, return_entropy, dtype):
+    n, d, v = SHAPES[shape]
+    hidden, weight, target = make_inputs(n, d, v, dtype)
+    got, want = run_both(hidden, weight, target, 1.0, return_entropy, coefficients(n), coefficients(n, 2))
+    assert got[0].dtype == torch.float32 and got[0].shape == (n,)
+    assert got[2].dtype == dtype and got[3].dtype == dtype
+    for name, a, b in zip(["logprob", "entropy", "grad_hidden", "grad_weight"], got, want, strict=False):
+        if b is None:
+            assert a is None, name
+            continue
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < TOL[dtype], f"{name}: rel err {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.7])
+def test_temperature_in_forward_and_backward(impl, temperature):
+    hidden, weight, target = make_inputs(29, 48, 97, torch.float32, seed=3)
+    got, want = run_both(hidden, weight, target, temperature, True, coefficients(29), coefficients(29, 4))
+    for a, b in zip(got, want, strict=False):
+        assert rel_err(a, b) < TOL[torch.float32]
+
+
+def test_entropy_only_gradient(impl):
+    """The log-prob output unused: its upstream gradient arrives as None."""
+    hidden, weight, target = make_inputs(21, 32, 77, torch.float32, seed=5)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    _, ent = linear_logprob(h, w, target, return_entropy=True)
+    ent.sum().backward()
+    h64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    _, ent64 = linear_logprob_reference(h64, w64, target, return_entropy=True)
+    ent64.sum().backward()
+    assert rel_err(h.grad, h64.grad) < TOL[torch.float32]
+    assert rel_err(w.grad, w64.grad) < TOL[torch.float32]
+
+
+def test_all_zero_coefficients_give_zero_gradients(impl):
+    hidden, weight, target = make_inputs(17, 32, 45, torch.float32)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    lp, _ = linear_logprob(h, w, target)
+    (lp * 0.0).sum().backward()
+    assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
+
+
+def test_frozen_weight(impl):
+    hidden, weight, target = make_inputs(13, 32, 40, torch.float32)
+    h = hidden.clone().requires_grad_()
+    lp, _ = linear_logprob(h, weight, target)
+    lp.sum().backward()
+    h64 = hidden.double().requires_grad_()
+    linear_logprob_reference(h64, weight.double(), target)[0].sum().backward()
+    assert rel_err(h.grad, h64.grad) < TOL[torch.float32]
+
+
+def test_tied_embedding_weights(impl):
+    """The LM head shares its matrix with the embedding: gradients from both uses add up."""
+    n, d, v = 19, 32, 61
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, v, (n,), generator=g)
+    target = torch.randint(0, v, (n,), generator=g)
+    mix = torch.randn(d, d, generator=g) * d**-0.5
+    weight = torch.randn(v, d, generator=g) * 0.3
+
+    def loss_with(fn, w):
+        hidden = torch.tanh(w[ids] @ mix)
+        lp, _ = fn(hidden, w, target)
+        return (lp * torch.linspace(-1, 1, n, dtype=lp.dtype)).sum()
+
+    w = weight.clone().requires_grad_()
+    loss_with(linear_logprob, w).backward()
+    w64 = weight.double().requires_grad_()
+    mix = mix.double()
+    loss_with(linear_logprob_reference, w64).backward()
+    assert rel_err(w.grad, w64.grad) < TOL[torch.float32]
+
+
+def test_zero_tokens(impl):
+    hidden, weight, _ = make_inputs(1, 32, 40, torch.float32)
+    h = hidden[:0].clone().requires_grad_()
+    lp, ent = linear_logprob(h, weight, torch.zeros(0, dtype=torch.long), return_entropy=True)
+    assert lp.shape == (0,) and ent.shape == (0,)
+    lp.sum().backward()
+    assert h.grad.shape == (0, 32)
+
+
+class _AllocationRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            # The Triton interpreter mirrors whole storages as uint8 buffers; those are not ours.
+            if isinstance(t, torch.Tensor) and t.dtype != torch.uint8:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_never_materializes_full_logits(impl, monkeypatch):
+    """No tensor of N·V elements on any path, forward or backward, when N·V exceeds the budget."""
+    n, d, v = 48, 32, 160
+    monkeypatch.setattr(kernels.chunked, "CHUNK_BYTES", 16 * v * 4)
+    monkeypatch.setenv("RESRL_WORKSPACE_MB", str(n * 64 * 4 / 2**20))
+    hidden, weight, target = make_inputs(n, d, v, torch.float32)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    with _AllocationRecorder() as rec:
+        lp, ent = linear_logprob(h, w, target, return_entropy=True)
+        (lp.sum() - ent.sum()).backward()
+    assert rec.largest < n * v, f"largest tensor has {rec.largest} elements >= N*V = {n * v}"
+    assert rec.largest <= v * d  # the weight-sized gradient is the biggest thing allowed
+    h64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    lp64, ent64 = linear_logprob_reference(h64, w64, target, return_entropy=True)
+    (lp64.sum() - ent64.sum()).backward()
+    assert rel_err(w.grad, w64.grad) < TOL[torch.float32]
+    assert rel_err(h.grad, h64.grad) < TOL[torch.float32]
+
+
+# name: (kwargs override, expected exception, message fragment)
+BAD_INPUTS = {
+    "hidden_1d": (dict(hidden=torch.randn(32)), ValueError, "hidden must have 2 dims"),
+    "hidden_int": (dict(hidden=torch.ones(4, 32, dtype=torch.long)), TypeError, "hidden has dtype int64"),
+    "d_mismatch": (dict(weight=torch.randn(40, 31)), ValueError, "D must match"),
+    "dtype_mismatch": (dict(weight=torch.randn(40, 32).bfloat16()), TypeError, "same dtype"),
+    "target_length": (dict(target=torch.zeros(3, dtype=torch.long)), ValueError, "target has 3 entries"),
+    "target_float": (dict(target=torch.zeros(4)), TypeError, "target has dtype float32"),
+    "target_too_big": (
+        dict(target=torch.tensor([0, 1, 40, 2])),
+        ValueError,
+        r"outside the vocabulary \[0, 40\)",
+    ),
+    "target_negative": (dict(target=torch.tensor([0, -100, 1, 2])), ValueError, "outside the vocabulary"),
+    "hidden_nan": (dict(hidden=torch.full((4, 32), float("nan"))), ValueError, "hidden contains NaN"),
+    "weight_inf": (dict(weight=torch.full((40, 32), float("inf"))), ValueError, "weight contains NaN or Inf"),
+    "device_mismatch": (
+        dict(target=torch.zeros(4, dtype=torch.long, device="meta")),
+        ValueError,
+        "one device",
+    ),
+    "temperature_zero": (dict(temperature=0.0), ValueError, "temperature must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_input_is_rejected(impl, case):
+    args = dict(hidden=torch.randn(4, 32), weight=torch.randn(40, 32), target=torch.tensor([0, 1, 2, 3]))
+    override, exc, msg = BAD_INPUTS[case]
+    args.update(override)
+    temperature = args.pop("temperature", 1.0)
+    with pytest.raises(exc, match=msg):
+        linear_logprob(args["hidden"], args["weight"], args["target"], temperature=temperature)
+
+
+def test_unknown_impl_is_rejected(monkeypatch):
+    monkeypatch.setenv("RESRL_KERNEL_IMPL", "cuda-magic")
+    with pytest.raises(ValueError, match="RESRL_KERNEL_IMPL='cuda-magic'.*triton.*torch"):
+        linear_logprob(torch.randn(2, 32), torch.randn(5, 32), torch.tensor([0, 1]))
+
+
+# ---- GPU only -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_gpu_bf16_no_worse_than_plain_pytorch(monkeypatch, return_entropy):
+    """bf16 error against an fp32 ground truth no worse than plain bf16 PyTorch's, plus a tolerance."""
+    monkeypatch.setenv("RESRL_KERNEL_IMPL", "triton")
+    n, d, v = 4096, 1024, 32003
+    hidden, weight, target = make_inputs(n, d, v, torch.bfloat16)
+    hidden, weight, target = hidden.cuda(), weight.cuda(), target.cuda()
+    coef = coefficients(n).cuda()
+    got, truth = run_both(hidden, weight, target, 1.0, return_entropy, coef, coef)
+
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    logp = torch.log_softmax((h @ w.T).float(), -1)  # plain bf16 matmul, fp32 softmax
+    lp = logp.gather(1, target[:, None]).squeeze(1)
+    loss = (lp * coef.float()).sum()
+    ent = None
+    if return_entropy:
+        ent = -(logp.exp() * logp).sum(-1)
+        loss = loss + (ent * coef.float()).sum()
+    loss.backward()
+    plain = (lp, ent, h.grad, w.grad)
+    for name, a, p, t in zip(
+        ["logprob", "entropy", "grad_hidden", "grad_weight"], got, plain, truth, strict=False
+    ):
+        if t is None:
+            continue
+        assert rel_err(a, t) <= rel_err(p, t) + 2e-3, (
+            f"{name}: ours {rel_err(a, t):.2e} plain {rel_err(p, t):.2e}"
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_matches_torch_path(monkeypatch, dtype):
+    n, d, v = 3001, 512, 50257
+    hidden, weight, target = make_inputs(n, d, v, dtype)
+    hidden, weight, target = hidden.cuda(), weight.cuda(), target.cuda()
+    outs = {}
+    for impl in IMPLS:
+        monkeypatch.setenv("RESRL_KERNEL_IMPL", impl)
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        lp, ent = linear_logprob(h, w, target, temperature=0.8, return_entropy=True)
+        (lp.sum() + 0.5 * ent.sum()).backward()
+        outs[impl] = (lp, ent, h.grad, w.grad)
+    for a, b in zip(outs["triton"], outs["torch"], strict=False):
+        assert rel_err(a, b) < TOL[dtype]
