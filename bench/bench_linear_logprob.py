@@ -1,0 +1,213 @@
+"""Benchmark `linear_logprob` against the compute floor and baselines run in the same process.
+
+GPU (default when CUDA is present): shapes A (N=16384, D=2560, V=151936) and B (N=32768,
+D=4096, V=151936) in bf16; forward and forward+backward time, peak extra memory, the floor
+8·N·V·D FLOPs at the matmul rate measured in this run. Baselines: naive PyTorch (full logits),
+torch's chunked `linear_cross_entropy` where the installed torch has it, Liger-Kernel's fused
+linear cross-entropy and Cut Cross-Entropy (each skipped with its reason if not installed).
+
+CPU (`--cpu`): the memory property at a size that fits a laptop: each implementation runs in a
+fresh subprocess and reports its peak resident memory above the inputs.
+
+    python bench/bench_linear_logprob.py                 # GPU table
+    python bench/bench_linear_logprob.py --record        # ... appended to bench/results/ after green tests
+    python bench/bench_linear_logprob.py --cpu           # CPU memory/time table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    append_results,
+    cuda_peak_extra_bytes,
+    environment,
+    matmul_tflops,
+    require_green_tests,
+    summarize,
+    time_ms,
+)
+
+SHAPES = {"A": (16384, 2560, 151936), "B": (32768, 4096, 151936)}
+CPU_SHAPE = (2048, 256, 32000)
+
+
+def _ours(impl: str):
+    def run(h, w, t):
+        os.environ["RESRL_KERNEL_IMPL"] = impl
+        from kernels import linear_logprob
+
+        lp, _ = linear_logprob(h, w, t)
+        return -lp.mean()
+
+    return run
+
+
+def _naive(h, w, t):
+    logits = (h @ w.T).float()
+    return -torch.log_softmax(logits, -1).gather(1, t[:, None]).mean()
+
+
+def _torch_lce(h, w, t):
+    options = torch.nn.LinearCrossEntropyOptions()
+    return torch.nn.functional.linear_cross_entropy(h, w, t, options=options)
+
+
+def _liger(h, w, t):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(h, w, t)
+
+
+def _cce(h, w, t):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(h, w, t)
+
+
+def implementations(device: torch.device) -> dict:
+    impls = {"resrl-triton": _ours("triton"), "resrl-torch-chunked": _ours("torch"), "naive-pytorch": _naive}
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        impls["torch-linear_cross_entropy-chunked"] = _torch_lce
+    if device.type == "cuda":
+        impls["liger-fused-linear-ce"] = _liger
+        impls["cut-cross-entropy"] = _cce
+    else:
+        impls.pop("resrl-triton")  # the Triton interpreter is a correctness tool, not a timing one
+    return impls
+
+
+def measure(name, fn, n, d, v, dtype, device, reps) -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(n, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    w = (torch.randn(v, d, device=device, dtype=dtype, generator=g) * d**-0.5).requires_grad_()
+    t = torch.randint(0, v, (n,), device=device, generator=g)
+
+    def fwd():
+        return fn(h, w, t)
+
+    def fwdbwd():
+        h.grad = w.grad = None
+        fn(h, w, t).backward()
+
+    row = {"impl": name}
+    try:
+        row["ms_fwd"] = summarize(time_ms(fwd, device, reps=reps))
+        row["ms_fwdbwd"] = summarize(time_ms(fwdbwd, device, reps=reps))
+        h.grad = w.grad = None
+        if device.type == "cuda":
+            row["peak_mem_bytes"] = cuda_peak_extra_bytes(fwdbwd, device)
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except Exception as exc:  # a baseline that is missing or rejects the shape is reported, not fatal
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    h.grad = w.grad = None
+    return row
+
+
+def run_gpu(args) -> list[dict]:
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    tflops = matmul_tflops(device, dtype)
+    env = environment(device)
+    rows = []
+    for shape in args.shapes:
+        n, d, v = SHAPES[shape]
+        floor_ms = 8 * n * v * d / (tflops * 1e12) * 1e3
+        grad_bytes = (n * d + v * d) * torch.finfo(dtype).bits // 8
+        print(f"\nshape {shape}: N={n} D={d} V={v} bf16 | matmul {tflops:.0f} TFLOP/s | "
+              f"fwd+bwd floor {floor_ms:.1f} ms | grad buffers {grad_bytes / 2**20:.0f} MiB")  # fmt: skip
+        print(f"{'impl':38s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'x floor':>8s} {'extra MiB':>10s}")
+        for name, fn in implementations(device).items():
+            row = measure(name, fn, n, d, v, dtype, device, args.reps)
+            torch.cuda.empty_cache()
+            row.update(bench="linear_logprob", shape=shape, n=n, d=d, v=v, dtype="bf16", floor_ms=floor_ms,
+                       matmul_tflops=tflops, grad_bytes=grad_bytes, **env)  # fmt: skip
+            rows.append(row)
+            if "error" in row:
+                print(f"{name:38s} {row['error']}")
+                continue
+            fb = row["ms_fwdbwd"]["median"]
+            print(f"{name:38s} {row['ms_fwd']['median']:9.1f} {fb:11.1f} {fb / floor_ms:8.2f} "
+                  f"{row['peak_mem_bytes'] / 2**20:10.0f}")  # fmt: skip
+    return rows
+
+
+def _cpu_child(name: str, n: int, d: int, v: int, reps: int) -> None:
+    """Runs in a fresh process: peak RSS above the inputs, and the time of fwd+bwd."""
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device = torch.device("cpu")
+    fn = implementations(device)[name]
+    h = torch.randn(n, d).requires_grad_()
+    w = (torch.randn(v, d) * d**-0.5).requires_grad_()
+    t = torch.randint(0, v, (n,))
+    # Load the code paths on a tiny slice first so the baseline holds libraries and the
+    # gradient buffers, and the peak above it is the implementation's workspace.
+    fn(h[:8], w, t[:8]).backward()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = time_ms(lambda: fn(h, w, t).backward(), device, warmup=0, reps=reps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"impl": name, "ms_fwdbwd": summarize(times), "peak_mem_bytes": peak - base}))
+
+
+def run_cpu(args) -> list[dict]:
+    n, d, v = args.cpu_shape
+    device = torch.device("cpu")
+    env = environment(device)
+    print(f"CPU: N={n} D={d} V={v} fp32; full logits alone are {n * v * 4 / 2**20:.0f} MiB")
+    print(f"{'impl':38s} {'fwd+bwd ms':>11s} {'peak extra MiB':>15s}")
+    rows = []
+    for name in implementations(device):
+        cmd = [sys.executable, __file__, "--cpu-child", name, "--cpu-shape", str(n), str(d), str(v),
+               "--reps", str(args.reps)]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            row = {"impl": name, "error": out.stderr.strip().splitlines()[-1][:160]}
+            print(f"{name:38s} {row['error']}")
+        else:
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{name:38s} {row['ms_fwdbwd']['median']:11.1f} {row['peak_mem_bytes'] / 2**20:15.0f}")
+        row.update(bench="linear_logprob_cpu", shape="cpu", n=n, d=d, v=v, dtype="fp32", **env)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="CPU memory-property mode (no GPU needed)")
+    p.add_argument("--shapes", nargs="+", default=["A", "B"], choices=list(SHAPES))
+    p.add_argument("--cpu-shape", nargs=3, type=int, default=list(CPU_SHAPE), metavar=("N", "D", "V"))
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--record", action="store_true", help="append rows to bench/results/ (after green tests)")
+    p.add_argument("--cpu-child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.cpu_child:
+        _cpu_child(args.cpu_child, *args.cpu_shape, args.reps)
+        return
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --cpu for the CPU memory table")
+    if args.record:
+        require_green_tests(["tests/test_linear_logprob.py"])
+    rows = run_cpu(args) if args.cpu else run_gpu(args)
+    if args.record:
+        name = "linear_logprob_cpu.jsonl" if args.cpu else "linear_logprob.jsonl"
+        print(f"appended {len(rows)} rows to {append_results(name, rows)}")
+    else:
+        med = [r["ms_fwdbwd"]["median"] for r in rows if "ms_fwdbwd" in r]
+        if med:
+            print(f"(not recorded; median of medians {statistics.median(med):.1f} ms; pass --record to keep)")
+
+
+if __name__ == "__main__":
+    main()
