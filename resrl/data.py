@@ -1,0 +1,185 @@
+"""Prompt datasets: JSONL / JSON-list / Parquet files of verl rows or plain rows, and prompt encoding.
+
+Row kinds (detected per row):
+
+* verl: ``{"prompt": [{"role", "content"}, ...] | str, "data_source": str,
+  "reward_model": {"ground_truth": str | number}, ...}`` (verl's RL parquet schema);
+* plain: ``{"problem": str, "answer": str | number}``, optionally with a ready-made ``"prompt"``
+  (str or message list) that is used instead of ``problem``, and a ``data_source``.
+
+Every malformed row raises ``DataError`` naming the file, the 1-based row (the line number for
+JSONL) and the field. ``Example.index`` is the row's 0-based position among the file's examples,
+not verl's ``extra_info.index``: positions are unique within a file, verl's indices need not be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class Example:
+    """One prompt and the ground truth its responses are verified against."""
+
+    prompt: str | list[dict[str, str]]
+    answer: str
+    data_source: str = "unknown"
+    index: int = 0
+
+
+class DataError(ValueError):
+    """A dataset file or row that cannot be used; the message names file, row and field."""
+
+
+def _error(path: Path, row: int, field: str, problem: str) -> DataError:
+    return DataError(f"{path}: row {row}: field {field!r}: {problem}")
+
+
+def _rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(1-based row number, decoded row) pairs; JSONL row numbers are line numbers."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield line_no, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise _error(
+                        path, line_no, "<row>", f"not valid JSON ({e.msg} at column {e.colno})"
+                    ) from None
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json dataset must be a list of rows, got {type(data).__name__}")
+        yield from enumerate(data, start=1)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+    else:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; accepted: {', '.join(_SUFFIXES)}")
+
+
+def _text(path: Path, row: int, field: str, value: Any, *, numbers: bool = False) -> str:
+    """A non-empty string field; ``numbers`` also accepts ints/floats (ground truths in parquet)."""
+    if numbers and isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        kind = "str or number" if numbers else "str"
+        raise _error(path, row, field, f"expected a {kind}, got {type(value).__name__} {value!r:.60}")
+    if not value.strip():
+        raise _error(path, row, field, "is empty")
+    return value
+
+
+def _prompt(path: Path, row: int, field: str, value: Any) -> str | list[dict[str, str]]:
+    if isinstance(value, str):
+        return _text(path, row, field, value)
+    if not isinstance(value, list) or not value:
+        raise _error(path, row, field, f"expected a str or a non-empty list of messages, got {value!r:.60}")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise _error(path, row, f"{field}[{i}]", f"expected a message dict, got {type(message).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise _error(
+                    path, row, f"{field}[{i}].{key}", f"expected a str, got {message.get(key)!r:.60}"
+                )
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def _example(path: Path, row: int, obj: Any, index: int) -> Example:
+    if not isinstance(obj, dict):
+        raise _error(path, row, "<row>", f"expected an object, got {type(obj).__name__}")
+    source = obj.get("data_source", "unknown")
+    if source is None:
+        source = "unknown"
+    source = _text(path, row, "data_source", source)
+    if "reward_model" in obj or (isinstance(obj.get("prompt"), list) and "answer" not in obj):
+        if "prompt" not in obj:
+            raise _error(path, row, "prompt", "missing (verl rows need prompt and reward_model.ground_truth)")
+        prompt = _prompt(path, row, "prompt", obj["prompt"])
+        reward_model = obj.get("reward_model")
+        if not isinstance(reward_model, dict):
+            raise _error(
+                path, row, "reward_model", f"expected an object with ground_truth, got {reward_model!r:.60}"
+            )
+        if "ground_truth" not in reward_model:
+            raise _error(path, row, "reward_model.ground_truth", "missing")
+        answer = _text(path, row, "reward_model.ground_truth", reward_model["ground_truth"], numbers=True)
+        return Example(prompt=prompt, answer=answer, data_source=source, index=index)
+    if "problem" not in obj and "answer" not in obj:
+        raise _error(
+            path,
+            row,
+            "<row>",
+            f"neither a verl row (prompt, reward_model.ground_truth) nor a plain row (problem, answer); "
+            f"keys: {sorted(obj)}",
+        )
+    if "answer" not in obj:
+        raise _error(path, row, "answer", "missing")
+    answer = _text(path, row, "answer", obj["answer"], numbers=True)
+    if obj.get("prompt") is not None:
+        prompt = _prompt(path, row, "prompt", obj["prompt"])
+    elif "problem" in obj:
+        prompt = _text(path, row, "problem", obj["problem"])
+    else:
+        raise _error(path, row, "problem", "missing")
+    return Example(prompt=prompt, answer=answer, data_source=source, index=index)
+
+
+def load_examples(path: str | os.PathLike) -> list[Example]:
+    """All examples of a ``.jsonl``, ``.json`` (list of rows) or ``.parquet`` file, in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    examples = [_example(path, row, obj, index) for index, (row, obj) in enumerate(_rows(path))]
+    if not examples:
+        raise DataError(f"{path}: no rows")
+    return examples
+
+
+def encode_prompt(example: Example, tokenizer: Any) -> list[int]:
+    """Token ids of the prompt, ready for generation.
+
+    Message lists go through the tokenizer's chat template with the generation prompt; a string is
+    wrapped as one user message when the tokenizer has a chat template, else encoded bare after
+    bos (when the tokenizer has one). The template is rendered to text and then encoded without
+    added special tokens, which is what ``apply_chat_template(tokenize=True)`` does, minus its
+    version-dependent return type.
+    """
+    prompt = example.prompt
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(prompt, str) and not template:
+        ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+        bos = getattr(tokenizer, "bos_token_id", None)
+        ids = ids if bos is None else [bos, *ids]
+    else:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not isinstance(messages, list):
+            raise TypeError(
+                f"Example.prompt must be a str or a list of messages, got {type(prompt).__name__}"
+            )
+        if not template:
+            raise ValueError(
+                f"example {example.index} ({example.data_source}) has a message-list prompt but the tokenizer "
+                "has no chat_template; use a string prompt or a tokenizer with a chat template"
+            )
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if not ids:
+        raise ValueError(f"example {example.index} ({example.data_source}) encodes to no tokens")
+    return ids

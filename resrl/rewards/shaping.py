@@ -1,0 +1,28 @@
+"""ResRL's length-scaled positive reward (ALGORITHMS.md §1)."""
+
+from __future__ import annotations
+
+import math
+
+
+def length_scaled_reward(
+    reward: float, length: int, *, l0: int = 3500, lmax: int = 4096, scale: float = 0.7
+) -> float:
+    """Shrink a positive reward linearly from ``reward`` at ``l0`` tokens to ``reward * scale`` at ``lmax``.
+
+    r' = r for L <= l0; r * (1 - (1 - s) * (L - l0) / (lmax - l0)) for l0 < L <= lmax; r * s beyond.
+    Rewards <= 0 are returned unchanged (negative rewards are never length-scaled).
+    """
+    if not isinstance(reward, int | float) or isinstance(reward, bool) or not math.isfinite(reward):
+        raise ValueError(f"reward must be a finite number, got {reward!r}")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        raise ValueError(f"length must be a non-negative int (response tokens), got {length!r}")
+    if not (isinstance(l0, int) and isinstance(lmax, int) and 0 <= l0 < lmax):
+        raise ValueError(f"need integers 0 <= l0 < lmax, got l0={l0!r}, lmax={lmax!r}")
+    if not (isinstance(scale, int | float) and 0.0 <= scale <= 1.0):
+        raise ValueError(f"scale must lie in [0, 1], got {scale!r}")
+    if reward <= 0 or length <= l0:
+        return float(reward)
+    if length <= lmax:
+        return float(reward * (1.0 - (1.0 - scale) * (length - l0) / (lmax - l0)))
+    return float(reward * scale)
