@@ -1,0 +1,212 @@
+"""Model handling: a small Qwen3 from a config, the trainer-owned forward, the subspace hidden states.
+
+The trainer never asks the model for logits: `forward_logprobs` runs the decoder trunk
+(`model.model`) and feeds its final hidden states to `kernels.linear_logprob` with the LM-head
+weight, so no [tokens x vocab] tensor exists. The penultimate-layer hidden states ResRL needs are
+taken by one forward pre-hook on the last decoder layer (`HiddenCapture`), never with
+`output_hidden_states`, which would keep every layer's output alive.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import kernels
+
+SUBSPACE_LAYERS = (None, "penultimate", "final")
+
+
+def build_qwen3(
+    vocab_size: int,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 32,
+    intermediate_size: int = 384,
+    max_position_embeddings: int = 512,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+) -> Qwen3ForCausalLM:
+    """A randomly initialized Qwen3 causal LM (fp32, SDPA attention), identical for the same seed.
+
+    The global RNG state is left untouched (initialization runs under a forked RNG). head_dim
+    must be >= 32: vLLM's CPU attention rejects 16 (ARCHITECTURE.md), and the same model is meant
+    to be served by either rollout engine.
+    """
+    ints = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "intermediate_size": intermediate_size,
+        "max_position_embeddings": max_position_embeddings,
+    }
+    for name, value in ints.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 32 or head_dim % 2:
+        raise ValueError(
+            f"head_dim must be an even int >= 32 (vLLM CPU attention rejects 16), got {head_dim!r}"
+        )
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    return model
+
+
+def _trunk(model: nn.Module) -> nn.Module:
+    """The decoder trunk (`model.model` of a Hugging Face causal LM), which owns `.layers`."""
+    trunk = getattr(model, "model", None)
+    if trunk is None or not isinstance(getattr(trunk, "layers", None), nn.ModuleList):
+        raise TypeError(
+            f"{type(model).__name__} is not a supported causal LM: expected `model.model.layers` "
+            "(Qwen2/Qwen3/Llama-style decoder trunk) and `model.lm_head`"
+        )
+    return trunk
+
+
+class HiddenCapture:
+    """Context manager capturing the input of the last decoder layer (the penultimate layer's output).
+
+    Usage::
+
+        with HiddenCapture(model) as cap:
+            model.model(input_ids, attention_mask=...)
+        hidden_BLD = cap.hidden  # detached, [B, L, D]
+
+    The pre-hook reads `hidden_states` whether the layer gets it positionally (how Qwen3Model and
+    GradientCheckpointingLayer call it in transformers 5.x) or as a keyword. The hook is removed
+    on exit, so a gradient-checkpointing recompute in backward does not overwrite the capture.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layer = _trunk(model).layers[-1]
+        self.hidden: torch.Tensor | None = None
+        self._handle: Any = None
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor):
+            raise RuntimeError(
+                f"HiddenCapture: the last decoder layer ({type(module).__name__}) was called without a "
+                "hidden_states tensor (neither first positional argument nor `hidden_states=`)"
+            )
+        self.hidden = hidden.detach()
+
+    def __enter__(self) -> HiddenCapture:
+        self.hidden = None
+        self._handle = self.layer.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, so left padding keeps positions 0, 1, ...
+
+    Padding positions get 0 (their outputs are never used).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def forward_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,  # [B, L] int64
+    attention_mask: torch.Tensor,  # [B, L] 0/1
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    subspace_layer: str | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Log-prob of each next token under the model, without logits.
+
+    Returns dict(logprob [B, L-1] fp32, entropy [B, L-1] fp32 or None, sub_hidden [B, L-1, D] or
+    None): position t scores input_ids[:, t + 1] (logits divided by `temperature`). `sub_hidden`
+    (detached, the model's dtype) is the input of the last decoder layer for "penultimate" or the
+    final normed hidden state for "final", at the same positions. Padded positions get values too;
+    callers mask them.
+
+    Runs `model.model` (the trunk) with position ids from the attention-mask cumsum, then
+    `kernels.linear_logprob` on `model.lm_head.weight` (tied or not). Gradients flow to the trunk
+    and the LM head through logprob and entropy.
+    """
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.dtype
+        not in (
+            torch.int64,
+            torch.int32,
+        )
+    ):
+        raise ValueError(
+            f"input_ids must be an int64/int32 tensor [B, L], got {getattr(input_ids, 'shape', input_ids)}"
+        )
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must be a tensor with input_ids' shape {tuple(input_ids.shape)}, "
+            f"got {getattr(attention_mask, 'shape', attention_mask)}"
+        )
+    b, seq_len = input_ids.shape
+    if seq_len < 2:
+        raise ValueError(f"input_ids has L={seq_len}; need L >= 2 (position t predicts token t + 1)")
+    if subspace_layer not in SUBSPACE_LAYERS:
+        raise ValueError(f"subspace_layer={subspace_layer!r} is not supported; use one of {SUBSPACE_LAYERS}")
+    trunk = _trunk(model)
+    lm_head = getattr(model, "lm_head", None)
+    if not isinstance(lm_head, nn.Module) or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
+        raise TypeError(f"{type(model).__name__} has no `lm_head` with a weight")
+
+    position_ids = position_ids_from_mask(attention_mask)
+    capture = HiddenCapture(model) if subspace_layer == "penultimate" else None
+    if capture is not None:
+        with capture:
+            out = trunk(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
+    else:
+        out = trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+    hidden_BLD = out.last_hidden_state
+    weight_VD = lm_head.weight
+    d = hidden_BLD.shape[-1]
+    hidden_ND = hidden_BLD[:, :-1].reshape(-1, d).to(weight_VD.dtype)
+    target_N = input_ids[:, 1:].reshape(-1).long()
+    logprob_N, entropy_N = kernels.linear_logprob(
+        hidden_ND, weight_VD, target_N, temperature=temperature, return_entropy=return_entropy
+    )
+    sub_hidden = None
+    if subspace_layer == "final":
+        sub_hidden = hidden_BLD[:, :-1].detach()
+    elif capture is not None:
+        sub_hidden = capture.hidden[:, :-1]
+    return {
+        "logprob": logprob_N.view(b, seq_len - 1),
+        "entropy": None if entropy_N is None else entropy_N.view(b, seq_len - 1),
+        "sub_hidden": sub_hidden,
+    }
