@@ -32,6 +32,8 @@ class Example:
     answer: str
     data_source: str = "unknown"
     index: int = 0
+    solution: str | None = None
+    """A reference response (plain rows' optional ``solution``), used by the supervised warm start."""
 
 
 class DataError(ValueError):
@@ -138,7 +140,10 @@ def _example(path: Path, row: int, obj: Any, index: int) -> Example:
         prompt = _text(path, row, "problem", obj["problem"])
     else:
         raise _error(path, row, "problem", "missing")
-    return Example(prompt=prompt, answer=answer, data_source=source, index=index)
+    solution = obj.get("solution")
+    if solution is not None:
+        solution = _text(path, row, "solution", solution)
+    return Example(prompt=prompt, answer=answer, data_source=source, index=index, solution=solution)
 
 
 def load_examples(path: str | os.PathLike) -> list[Example]:

@@ -1,0 +1,511 @@
+"""Typed run configuration: one dataclass per component, a docstring per field, validation on build.
+
+A config is built from a named preset (`resrl.presets`), then a YAML/JSON file, then dotted
+command-line overrides (`algorithm.objective=grpo optim.lr=1e-5`), each layer on top of the last.
+Every value is checked against its field's type and range when the `Config` is constructed, so a
+typo or a bad value fails before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from resrl.algorithms import ADVANTAGE_KINDS, AGG_MODES, KL_KINDS, OBJECTIVES
+from resrl.rollout import ENGINES
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the dotted key and what is accepted."""
+
+
+def _fail(key: str, problem: str) -> None:
+    raise ConfigError(f"config {key}: {problem}")
+
+
+def _choice(key: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        _fail(key, f"{value!r} is not supported; accepted: {', '.join(map(str, choices))}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if not value >= low:
+        _fail(key, f"must be >= {low}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """Hugging Face model folder (or hub id already in the local cache). None builds a small random
+    Qwen3 from the fields below (the embedded default)."""
+    hidden_size: int = 128
+    """Built model only: width of the residual stream."""
+    num_layers: int = 4
+    """Built model only: decoder layers."""
+    num_heads: int = 4
+    """Built model only: attention heads."""
+    num_kv_heads: int = 2
+    """Built model only: key/value heads (grouped-query attention)."""
+    head_dim: int = 32
+    """Built model only: per-head width (>= 32: vLLM's CPU attention rejects 16)."""
+    intermediate_size: int = 384
+    """Built model only: MLP width."""
+    max_position_embeddings: int = 256
+    """Built model only: longest sequence (prompt + response)."""
+    dtype: str = "auto"
+    """Parameter dtype: float32, bfloat16, or auto (bfloat16 on CUDA, float32 on CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder block in the backward instead of storing its activations."""
+
+    def validate(self) -> None:
+        _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            _at_least(f"model.{name}", getattr(self, name), 1)
+        _at_least("model.head_dim", self.head_dim, 32)
+        _at_least("model.max_position_embeddings", self.max_position_embeddings, 8)
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Training prompt files (.jsonl/.json/.parquet; verl rows or {problem, answer}). Empty: the
+    embedded arithmetic task, generated in code."""
+    eval_files: list[str] = field(default_factory=list)
+    """Held-out prompt files. Empty with an embedded task: a held-out split disjoint from training."""
+    tokenizer: str | None = None
+    """Tokenizer folder. None: the model folder's tokenizer, or the character tokenizer of the
+    embedded task."""
+    task_seed: int = 0
+    """Embedded task: seed of the problem draw (kept apart from run.seed so that runs with different
+    seeds train and evaluate on the same problems)."""
+    task_train_size: int = 4000
+    """Embedded task: training problems."""
+    task_eval_size: int = 200
+    """Embedded task: held-out problems."""
+    task_min_ops: int = 2
+    """Embedded task: fewest operations per problem."""
+    task_max_ops: int = 3
+    """Embedded task: most operations per problem."""
+    task_max_operand: int = 9
+    """Embedded task: largest operand."""
+    max_prompt_length: int = 64
+    """Prompts longer than this (in tokens) are dropped from training with a warning."""
+    shuffle: bool = True
+    """Reshuffle the training prompts every epoch (seeded)."""
+
+    def validate(self) -> None:
+        for name in ("task_train_size", "task_eval_size", "task_min_ops", "task_max_operand"):
+            _at_least(f"data.{name}", getattr(self, name), 1)
+        _at_least("data.task_max_ops", self.task_max_ops, self.task_min_ops)
+        _at_least("data.max_prompt_length", self.max_prompt_length, 1)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    """Rollout engine: hf (transformers generate)."""
+    n: int = 8
+    """Responses per prompt (the group size G)."""
+    temperature: float = 1.0
+    """Sampling temperature of training rollouts; training log-probs use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold of training rollouts."""
+    max_new_tokens: int = 64
+    """Longest response; a response cut here has no answer and gets the negative reward."""
+    max_batch_size: int = 512
+    """Most sequences per engine call (hf engine)."""
+
+    def validate(self) -> None:
+        _choice("rollout.engine", self.engine, ENGINES)
+        _at_least("rollout.n", self.n, 1)
+        if not self.temperature > 0:
+            _fail("rollout.temperature", f"training rollouts need temperature > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            _fail("rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        _at_least("rollout.max_new_tokens", self.max_new_tokens, 1)
+        _at_least("rollout.max_batch_size", self.max_batch_size, 1)
+
+
+@dataclass
+class AlgorithmConfig:
+    objective: str = "resrl"
+    """Per-token advantage: grpo, psr, nsr, w_reinforce or resrl (ALGORITHMS.md §3)."""
+    advantage: str = "grpo"
+    """Sequence advantage for grpo/resrl: grpo (z-score in the group), drgrpo (no std), reinforce."""
+    reward: str = "math"
+    """Reward function name from the registry (`resrl.rewards.register_reward`)."""
+    negative_reward: float = -1.0
+    """Reward of a wrong or truncated response: -1 (ResRL's convention) or 0 (PSR/NSR's)."""
+    length_reward: bool = False
+    """Length-scale positive rewards (ALGORITHMS.md §1)."""
+    length_l0: int = 3500
+    """Length-scaled reward: responses up to this many tokens keep the full reward."""
+    length_lmax: int = 4096
+    """Length-scaled reward: the reward reaches length_scale at this length."""
+    length_scale: float = 0.7
+    """Length-scaled reward: factor s at and beyond length_lmax."""
+    pos_scale: float = 0.1
+    """ResRL: xi_+, the factor on positive advantages."""
+    w_lambda: float = 0.1
+    """W-REINFORCE: lambda, the advantage of positive responses."""
+    eps_low: float = 0.2
+    """Lower clip range of the ratio."""
+    eps_high: float = 0.2
+    """Upper clip range (DAPO clip-higher: 0.28)."""
+    dual_clip: float | None = 3.0
+    """Dual-clip bound c for negative advantages; null disables it."""
+    agg: str = "token-mean"
+    """Loss aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (Dr.GRPO)."""
+    kl_coef: float = 0.0
+    """Coefficient of the KL penalty to the initial policy (0: no reference model is kept)."""
+    kl_kind: str = "k3"
+    """KL estimator: k1, k2 or k3."""
+    entropy_coef: float = 0.0
+    """Coefficient of the entropy bonus."""
+    subspace_layer: str = "penultimate"
+    """ResRL: hidden states spanning the subspace: penultimate (input of the last decoder layer)
+    or final (the normed state that feeds the LM head)."""
+    subspace_rank: int = 64
+    """ResRL: largest rank k of the positive subspace."""
+    subspace_max_tokens: int = 4096
+    """ResRL: positive tokens per group kept for the basis (seeded subsample beyond)."""
+    q_low: float = 0.2
+    """ResRL: lower quantile of the distance normalization."""
+    q_high: float = 0.8
+    """ResRL: upper quantile of the distance normalization."""
+    min_weight: float = 0.1
+    """ResRL: xi, the weight of negative tokens inside the positive subspace."""
+
+    def validate(self) -> None:
+        _choice("algorithm.objective", self.objective, OBJECTIVES)
+        _choice("algorithm.advantage", self.advantage, ADVANTAGE_KINDS)
+        _choice("algorithm.agg", self.agg, AGG_MODES)
+        _choice("algorithm.kl_kind", self.kl_kind, KL_KINDS)
+        _choice("algorithm.subspace_layer", self.subspace_layer, ("penultimate", "final"))
+        if not -1.0 <= self.negative_reward <= 0.0:
+            _fail(
+                "algorithm.negative_reward",
+                f"must be in [-1, 0] (usually 0 or -1), got {self.negative_reward}",
+            )
+        if not 0 <= self.eps_low < 1 or not self.eps_high >= 0:
+            _fail(
+                "algorithm.eps_low/eps_high",
+                f"need 0 <= eps_low < 1, eps_high >= 0; got {self.eps_low}, {self.eps_high}",
+            )
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            _fail("algorithm.dual_clip", f"must be > 1 or null, got {self.dual_clip}")
+        for name in ("kl_coef", "entropy_coef", "pos_scale", "w_lambda"):
+            _at_least(f"algorithm.{name}", getattr(self, name), 0.0)
+        if not 0 <= self.q_low < self.q_high <= 1:
+            _fail("algorithm.q_low/q_high", f"need 0 <= q_low < q_high <= 1, got {self.q_low}, {self.q_high}")
+        if not 0 <= self.min_weight <= 1:
+            _fail("algorithm.min_weight", f"must be in [0, 1], got {self.min_weight}")
+        _at_least("algorithm.subspace_rank", self.subspace_rank, 1)
+        _at_least("algorithm.subspace_max_tokens", self.subspace_max_tokens, 2)
+        if self.length_reward and not 0 < self.length_l0 < self.length_lmax:
+            _fail(
+                "algorithm.length_l0",
+                f"need 0 < length_l0 < length_lmax, got {self.length_l0}, {self.length_lmax}",
+            )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warm-up from 0 to lr; constant after."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            _fail("optim.lr", f"must be > 0, got {self.lr}")
+        _at_least("optim.weight_decay", self.weight_decay, 0.0)
+        _at_least("optim.warmup_steps", self.warmup_steps, 0)
+        _at_least("optim.grad_clip", self.grad_clip, 0.0)
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(f"optim.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """RL steps (one rollout batch each)."""
+    prompts_per_step: int = 256
+    """Prompts sampled per RL step (each gets rollout.n responses)."""
+    mini_batch_prompts: int = 64
+    """Prompts per optimizer step; prompts_per_step / mini_batch_prompts updates per rollout batch
+    (the later ones off-policy, against the pre-pass log-probs)."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward; never changes the gradient, only the memory."""
+    epochs_per_batch: int = 1
+    """Passes over each rollout batch."""
+
+    def validate(self) -> None:
+        for name in (
+            "steps",
+            "prompts_per_step",
+            "mini_batch_prompts",
+            "micro_batch_size",
+            "epochs_per_batch",
+        ):
+            _at_least(f"train.{name}", getattr(self, name), 1)
+        if self.prompts_per_step % self.mini_batch_prompts:
+            _fail(
+                "train.mini_batch_prompts",
+                f"{self.mini_batch_prompts} must divide train.prompts_per_step ({self.prompts_per_step})",
+            )
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 0
+    """Supervised warm-start steps on reference solutions before RL (0: none)."""
+    batch_size: int = 64
+    """Sequences per warm-start step."""
+    lr: float = 1e-3
+    """Warm-start learning rate (AdamW, constant, no weight decay)."""
+
+    def validate(self) -> None:
+        _at_least("sft.steps", self.steps, 0)
+        _at_least("sft.batch_size", self.batch_size, 1)
+        if not self.lr > 0:
+            _fail("sft.lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate every this many RL steps (0: only before and after training)."""
+    n: int = 16
+    """Samples per problem (pass@k for k = 1, 2, 4, ... n; avg@n; maj@n)."""
+    temperature: float = 0.6
+    """Evaluation sampling temperature."""
+    top_p: float = 0.95
+    """Evaluation nucleus threshold."""
+    max_problems: int = 0
+    """Evaluate on the first this many held-out problems (0: all)."""
+    before: bool = True
+    """Evaluate the starting policy (after any warm start) before RL."""
+
+    def validate(self) -> None:
+        _at_least("eval.every", self.every, 0)
+        _at_least("eval.n", self.n, 1)
+        _at_least("eval.temperature", self.temperature, 0.0)
+        if not 0 < self.top_p <= 1:
+            _fail("eval.top_p", f"must be in (0, 1], got {self.top_p}")
+        _at_least("eval.max_problems", self.max_problems, 0)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; the run directory is <out_dir>/<name>."""
+    out_dir: str = "runs"
+    """Parent folder of run directories."""
+    seed: int = 0
+    """Seed of everything: data order, model init, sampling, ResRL subsampling."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (CUDA when present)."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many RL steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (older ones are deleted after a successful save)."""
+    resume: bool = True
+    """Continue from the run directory's latest checkpoint when there is one."""
+    tensorboard: bool = True
+    """Write TensorBoard events next to metrics.jsonl."""
+    progress: bool = True
+    """Show a progress bar with the live reward."""
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            _fail("run.name", f"must be a plain folder name, got {self.name!r}")
+        _at_least("run.checkpoint_every", self.checkpoint_every, 0)
+        _at_least("run.keep_checkpoints", self.keep_checkpoints, 1)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            _fail("run.device", f"{self.device!r} is not supported; accepted: auto, cpu, cuda, cuda:N")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        return cls(**{f.name: _build(f.type, data.get(f.name, {}), f.name) for f in dataclasses.fields(cls)})
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(section_type: Any, values: dict[str, Any], key: str) -> Any:
+    cls = _hints(Config)[key] if isinstance(section_type, str) else section_type
+    if not isinstance(values, dict):
+        _fail(key, f"expected a mapping of fields, got {values!r:.80}")
+    hints = _hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in values:
+        if name not in known:
+            _fail(f"{key}.{name}", f"unknown field; fields of {key}: {', '.join(sorted(known))}")
+    return cls(**{name: _coerce(f"{key}.{name}", hints[name], value) for name, value in values.items()})
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check `value` against a field type, converting where lossless (int -> float, str -> int)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, arg, value)
+            except ConfigError:
+                pass
+        _fail(key, f"{value!r} does not fit {hint}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list | tuple):
+            _fail(key, f"expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            _fail(key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                _fail(key, f"expected an integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(key, f"expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            _fail(key, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            _fail(key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config {key}: unsupported field type {hint}")
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line value: YAML scalar syntax (1e-6, true, null, [a, b]); plain text otherwise."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.field=value` strings to a nested dict (in place); returns it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. optim.lr=1e-6")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] not in _SECTIONS:
+            raise ConfigError(
+                f"override {item!r}: the key must be section.field with section one of {', '.join(_SECTIONS)}"
+            )
+        value = _parse_scalar(text)
+        hint = _hints(_hints(Config)[parts[0]]).get(parts[1])
+        # Text fields keep the literal text (a run named "1e3" stays a string), "null" aside.
+        if hint is str:
+            value = text
+        elif hint == (str | None):
+            value = None if text.strip() in ("null", "None", "~") else text
+        data.setdefault(parts[0], {})[parts[1]] = value
+    return data
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Section-wise merge of two config dicts (`top` wins)."""
+    out = {k: dict(v) for k, v in base.items()}
+    for section, values in top.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"config section {section!r} is unknown; sections: {', '.join(_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r:.80}")
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """A config file (.yaml, .yml or .json) as a nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot parse: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def resolve(preset: str | None = None, file: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """preset -> file -> overrides, validated."""
+    from resrl.presets import preset_dict
+
+    data = preset_dict(preset) if preset else {}
+    if file is not None:
+        data = merge(data, load_file(file))
+    data = apply_overrides(merge(data, {}), list(overrides))
+    return Config.from_dict(data)

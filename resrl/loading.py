@@ -1,0 +1,161 @@
+"""What a run is built from: device, tokenizer, prompt sets, model, and the prompt sampler."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from resrl.config import Config, ConfigError
+from resrl.data import Example, encode_prompt, load_examples
+from resrl.tasks import arithmetic
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config run.device: {name!r} asked for but CUDA is not available; use cpu or auto")
+    return torch.device(name)
+
+
+@dataclass
+class PromptSet:
+    examples: list[Example]
+    prompt_ids: list[list[int]]
+
+
+def _encode(examples: list[Example], tokenizer, max_len: int, what: str) -> PromptSet:
+    kept, ids = [], []
+    for ex in examples:
+        p = encode_prompt(ex, tokenizer)
+        if len(p) <= max_len:
+            kept.append(ex)
+            ids.append(p)
+    if len(kept) < len(examples):
+        warnings.warn(
+            f"{len(examples) - len(kept)} of {len(examples)} {what} prompts are longer than "
+            f"data.max_prompt_length={max_len} tokens and were dropped",
+            stacklevel=2,
+        )
+    if not kept:
+        raise ConfigError(
+            f"config data.max_prompt_length: every {what} prompt is longer than {max_len} tokens"
+        )
+    return PromptSet(kept, ids)
+
+
+def _tokenizer(cfg: Config):
+    path = cfg.data.tokenizer or cfg.model.path
+    if path is None:
+        return arithmetic.build_char_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_task(cfg: Config) -> tuple[object, PromptSet, PromptSet]:
+    """(tokenizer, training prompts, held-out prompts), from files or the embedded task."""
+    d = cfg.data
+    tokenizer = _tokenizer(cfg)
+    if d.train_files:
+        train = [ex for path in d.train_files for ex in load_examples(path)]
+    else:
+        knobs = {"min_ops": d.task_min_ops, "max_ops": d.task_max_ops, "max_operand": d.task_max_operand}
+        train_p, eval_p = arithmetic.generate_splits(
+            d.task_train_size, d.task_eval_size, d.task_seed, **knobs
+        )
+        train = _task_examples(train_p)
+        if not d.eval_files:
+            held_out = _task_examples(eval_p)
+    if d.eval_files:
+        held_out = [ex for path in d.eval_files for ex in load_examples(path)]
+    elif d.train_files:
+        raise ConfigError(
+            "config data.eval_files: needed with data.train_files (a held-out set to evaluate on)"
+        )
+    max_len = d.max_prompt_length
+    return (
+        tokenizer,
+        _encode(train, tokenizer, max_len, "training"),
+        _encode(held_out, tokenizer, max_len, "held-out"),
+    )
+
+
+def _task_examples(problems: list[dict]) -> list[Example]:
+    return [
+        Example(
+            prompt=arithmetic.format_prompt(p["problem"]),
+            answer=p["answer"],
+            data_source=arithmetic.DATA_SOURCE,
+            index=i,
+            solution=p["solution"],
+        )
+        for i, p in enumerate(problems)
+    ]
+
+
+def load_model(cfg: Config, tokenizer, device: torch.device) -> nn.Module:
+    m = cfg.model
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(m.dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if m.path is None:
+        from resrl.model import build_qwen3
+
+        model = build_qwen3(
+            len(tokenizer),
+            hidden_size=m.hidden_size,
+            num_layers=m.num_layers,
+            num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads,
+            head_dim=m.head_dim,
+            intermediate_size=m.intermediate_size,
+            max_position_embeddings=m.max_position_embeddings,
+            seed=cfg.run.seed,
+        )
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(m.path, dtype=dtype, attn_implementation="sdpa")
+    model.to(device=device, dtype=dtype)
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+class PromptSampler:
+    """Prompt indices in seeded per-epoch shuffles; its state is the data position of a checkpoint."""
+
+    def __init__(self, n: int, per_step: int, *, seed: int, shuffle: bool) -> None:
+        if per_step > n:
+            raise ConfigError(f"config train.prompts_per_step={per_step} exceeds the {n} training prompts")
+        self.n, self.per_step, self.seed, self.shuffle = n, per_step, seed, shuffle
+        self.epoch, self.cursor = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        order = list(range(self.n))
+        if self.shuffle:
+            random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self) -> list[int]:
+        if self.cursor + self.per_step > self.n:
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        out = self._order[self.cursor : self.cursor + self.per_step]
+        self.cursor += self.per_step
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._epoch_order()

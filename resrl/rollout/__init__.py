@@ -1,0 +1,84 @@
+"""Rollout engines: sample G responses per prompt and return their tokens and sampling log-probs.
+
+Every engine implements `RolloutEngine`; the trainer and the evaluator only use this interface, so
+`hf` (transformers `generate`, the dependency-free default) and `vllm` are interchangeable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+ENGINES = ("hf",)
+
+
+@dataclass
+class Sample:
+    """One sampled response.
+
+    `response_ids` are the generated tokens, EOS included when the model emitted it (the policy must
+    learn to stop, so EOS is trained like any other token); padding is never included.
+    `logprobs[t]` is the sampling log-prob of `response_ids[t]` under the distribution actually
+    sampled from (logits / temperature, after top-p), in fp32. `truncated` is True when generation
+    hit `max_new_tokens` without EOS.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    truncated: bool
+    text: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. temperature 0 means greedy (then `logprobs` are those of the plain softmax)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n (samples per prompt) must be an int >= 1, got {self.n!r}")
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+        """`params.n` samples for each prompt (token ids, no padding): result[i][j] is sample j of prompt i.
+
+        Deterministic for a fixed `params.seed` (and fixed weights), independent of global RNG state.
+        """
+        ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from `model`'s current weights (after an optimizer step)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine's resources."""
+        ...
+
+
+def build_engine(name: str, model: torch.nn.Module, tokenizer: Any, cfg: Any) -> RolloutEngine:
+    """The rollout engine `name` sampling from `model` (`cfg`: the run's RolloutConfig)."""
+    if name == "hf":
+        from resrl.rollout.hf import HFEngine
+
+        return HFEngine(model, tokenizer, max_batch_size=cfg.max_batch_size)
+    raise ValueError(f"rollout engine {name!r} is not available; accepted: {', '.join(ENGINES)}")

@@ -1,0 +1,81 @@
+"""Supervised warm start on reference solutions, so the base policy is right sometimes before RL.
+
+The loss is the mean negative log-likelihood of the solution tokens (and the EOS after them)
+through the same fused `linear_logprob` path as RL; prompt tokens are not trained.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from resrl.batch import pad_sequences
+from resrl.config import SFTConfig
+from resrl.data import Example
+from resrl.model import forward_logprobs
+
+
+def solution_ids(examples: list[Example], tokenizer) -> list[list[int]]:
+    """Token ids of each example's solution followed by EOS."""
+    missing = [ex.index for ex in examples if not ex.solution]
+    if missing:
+        raise ValueError(
+            f"the supervised warm start (sft.steps > 0) needs a 'solution' for every training row; rows "
+            f"{missing[:5]} have none. Add solutions or set sft.steps=0"
+        )
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; the warm start must teach the policy to stop")
+    return [list(tokenizer.encode(ex.solution, add_special_tokens=False)) + [eos] for ex in examples]
+
+
+def warm_start(
+    model: nn.Module,
+    prompt_ids: list[list[int]],
+    target_ids: list[list[int]],
+    cfg: SFTConfig,
+    *,
+    pad_id: int,
+    seed: int,
+    progress: bool = False,
+) -> dict[str, float]:
+    """`cfg.steps` AdamW steps on random batches of (prompt, solution) pairs. Returns loss metrics."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.perf_counter()
+    losses = []
+    steps = range(cfg.steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="warm start", leave=False)
+    for _ in steps:
+        idx = torch.randint(len(prompt_ids), (cfg.batch_size,), generator=gen).tolist()
+        ids_BL, mask_BL, resp_BT = pad_sequences(
+            [prompt_ids[i] for i in idx], [target_ids[i] for i in idx], pad_id
+        )
+        ids_BL, mask_BL, resp_BT = ids_BL.to(device), mask_BL.to(device), resp_BT.to(device)
+        logprob_BT = forward_logprobs(model, ids_BL, mask_BL)["logprob"]
+        loss = -torch.where(resp_BT, logprob_BT, 0.0).sum() / resp_BT.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.detach())
+        if progress:
+            steps.set_postfix(loss=f"{float(loss):.3f}")
+    if not losses:
+        return {}
+    values = torch.stack(losses).tolist()
+    if not all(v == v for v in values):
+        raise FloatingPointError("the warm-start loss became NaN; lower sft.lr")
+    return {
+        "sft/loss_first": values[0],
+        "sft/loss_last": sum(values[-10:]) / len(values[-10:]),
+        "sft/seconds": time.perf_counter() - start,
+    }

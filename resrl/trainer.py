@@ -1,0 +1,421 @@
+"""The RL loop, one phase per call, in the order data flows (ARCHITECTURE.md):
+
+rollout -> reward -> advantages -> pre-pass (old log-probs, ResRL weights) -> update -> weight sync,
+with evaluation before and after (and every `eval.every` steps) and checkpoints with resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resrl import checkpoint
+from resrl.algorithms import group_advantages, group_seed, policy_loss, token_advantages
+from resrl.batch import RolloutBatch
+from resrl.config import Config
+from resrl.loading import PromptSampler, load_model, load_task, resolve_device
+from resrl.model import forward_logprobs
+from resrl.prepass import prepass
+from resrl.rewards import get_reward, length_scaled_reward
+from resrl.rollout import SamplingParams, build_engine
+from resrl.sft import solution_ids, warm_start
+from resrl.tracker import Tracker
+
+# Seed streams: each use of randomness draws from its own seed, derived from the run seed, so that
+# resuming (or evaluating more often) never changes what a later step samples.
+_ROLLOUT, _EVAL, _RESRL, _SHUFFLE, _SFT = 1, 2, 3, 4, 5
+
+
+def _seed(seed: int, stream: int, index: int = 0) -> int:
+    return group_seed(group_seed(seed, stream), index) & 0x7FFFFFFF
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.run.device)
+        torch.manual_seed(cfg.run.seed)
+        self.tokenizer, self.train_set, self.eval_set = load_task(cfg)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.model = load_model(cfg, self.tokenizer, self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+        )
+        self.sampler = PromptSampler(
+            len(self.train_set.examples),
+            cfg.train.prompts_per_step,
+            seed=_seed(cfg.run.seed, _SHUFFLE),
+            shuffle=cfg.data.shuffle,
+        )
+        self.reward_fn = get_reward(cfg.algorithm.reward)
+        self.engine = build_engine(cfg.rollout.engine, self.model, self.tokenizer, cfg.rollout)
+        self.ref_model = None
+        self.step = 0
+        self.history: dict[str, Any] = {}
+        resume_from = checkpoint.latest(self.run_dir) if cfg.run.resume else None
+        if resume_from is not None:
+            self._load(checkpoint.load(resume_from))
+        self.tracker = Tracker(
+            self.run_dir,
+            tensorboard=cfg.run.tensorboard,
+            resume_step=self.step if resume_from is not None else None,
+        )
+        (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.step == 0 and "sft" not in self.history:
+            self.history["sft"] = self.warm_start()
+            if cfg.eval.before:
+                self.history["eval_before"] = self.evaluate("before")
+        if cfg.algorithm.kl_coef > 0:
+            self.ref_model = self._reference_model()
+        start = time.perf_counter()
+        steps = range(self.step, cfg.train.steps)
+        bar = None
+        if cfg.run.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(steps, desc=f"{cfg.algorithm.objective}", initial=self.step, total=cfg.train.steps)
+            steps = bar
+        for step in steps:
+            metrics = self.train_step(step)
+            self.step = step + 1
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                metrics.update({f"eval/{k}": v for k, v in self.evaluate(f"step{self.step}").items()})
+            self.tracker.log(self.step, metrics)
+            if bar is not None:
+                bar.set_postfix(
+                    reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}"
+                )
+            if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self.history["rl_seconds"] = self.history.get("rl_seconds", 0.0) + time.perf_counter() - start
+        self.save()
+        self.export(self.run_dir / "final")
+        self.history["eval_after"] = self.evaluate("after")
+        summary = self.write_summary()
+        self.tracker.close()
+        return summary
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        timings: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        slots = self.sampler.next()
+        batch, metrics = self.rollout(slots, step)
+        t1 = time.perf_counter()
+        seq_adv = group_advantages(batch.rewards, batch.group, cfg.algorithm.advantage, batch.positive)
+        n_updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts * cfg.train.epochs_per_batch
+        metrics.update(
+            prepass(
+                self.model,
+                batch,
+                cfg.algorithm,
+                temperature=cfg.rollout.temperature,
+                micro_batch_size=cfg.train.micro_batch_size,
+                pad_id=self.pad_id,
+                seed=_seed(cfg.run.seed, _RESRL, step),
+                need_old=n_updates > 1,
+                ref_model=self.ref_model,
+            )
+        )
+        t2 = time.perf_counter()
+        metrics.update(self.update(batch, seq_adv, step))
+        t3 = time.perf_counter()
+        self.engine.sync_weights(self.model)
+        t4 = time.perf_counter()
+        tokens = sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True))
+        for name, seconds in (
+            ("rollout", t1 - t0),
+            ("prepass", t2 - t1),
+            ("update", t3 - t2),
+            ("sync", t4 - t3),
+        ):
+            timings[f"time/{name}_s"] = seconds
+            if name != "sync" and seconds > 0:
+                timings[f"throughput/{name}_tokens_per_s"] = tokens / seconds
+        metrics.update(timings)
+        metrics["time/step_s"] = t4 - t0
+        metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    # ------------------------------------------------------------------ phases
+
+    def rollout(self, slots: list[int], step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        """Sample G responses per prompt and score them."""
+        cfg, algo = self.cfg, self.cfg.algorithm
+        params = SamplingParams(
+            n=cfg.rollout.n,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=_seed(cfg.run.seed, _ROLLOUT, step),
+        )
+        samples = self.engine.generate([self.train_set.prompt_ids[i] for i in slots], params)
+        rewards, positive = [], []
+        for slot, group in zip(slots, samples, strict=True):
+            answer = self.train_set.examples[slot].answer
+            for s in group:
+                r = self.reward_fn(
+                    s.text, answer, truncated=s.truncated, negative_reward=algo.negative_reward
+                )
+                positive.append(r > 0)
+                if algo.length_reward:
+                    r = length_scaled_reward(
+                        r,
+                        len(s.response_ids),
+                        l0=algo.length_l0,
+                        lmax=algo.length_lmax,
+                        scale=algo.length_scale,
+                    )
+                rewards.append(r)
+        group_ids = [step * cfg.train.prompts_per_step + j for j in range(len(slots))]
+        batch = RolloutBatch.from_samples(samples, rewards, positive, group_ids)
+        lengths = batch.response_lengths().float()
+        acc_G = batch.positive.float().view(len(slots), -1).mean(1)
+        return batch, {
+            "reward/mean": float(batch.rewards.mean()),
+            "reward/accuracy": float(batch.positive.float().mean()),
+            "reward/groups_all_correct": float((acc_G == 1).float().mean()),
+            "reward/groups_all_wrong": float((acc_G == 0).float().mean()),
+            "response/length_mean": float(lengths.mean()),
+            "response/length_max": float(lengths.max()),
+            "response/truncated_frac": float(batch.truncated.float().mean()),
+        }
+
+    def update(self, batch: RolloutBatch, seq_adv: torch.Tensor, step: int) -> dict[str, float]:
+        """Optimizer steps over mini-batches of whole prompt groups; micro-batches accumulate."""
+        cfg = self.cfg
+        g = cfg.rollout.n
+        n_prompts = len(batch) // g
+        mbp = cfg.train.mini_batch_prompts
+        totals: dict[str, float] = {}
+        n_steps = 0
+        for epoch in range(cfg.train.epochs_per_batch):
+            order = list(range(n_prompts))
+            if epoch > 0 or n_prompts > mbp:
+                perm = torch.randperm(
+                    n_prompts,
+                    generator=torch.Generator().manual_seed(
+                        _seed(cfg.run.seed, _SHUFFLE, step * 1000 + epoch + 1)
+                    ),
+                )
+                order = perm.tolist()
+            for k in range(0, n_prompts, mbp):
+                idx = [slot * g + j for slot in order[k : k + mbp] for j in range(g)]
+                m = self._optimizer_step(batch, idx, seq_adv, first=n_steps == 0)
+                n_steps += 1
+                for key, value in m.items():
+                    totals[key] = totals.get(key, 0.0) + value
+        out = {key: value / n_steps for key, value in totals.items() if key != "rollout/logprob_gap"}
+        if "rollout/logprob_gap" in totals:
+            out["rollout/logprob_gap"] = totals["rollout/logprob_gap"]
+        out["optim/steps"] = float(n_steps)
+        return out
+
+    def _optimizer_step(self, batch: RolloutBatch, idx: list[int], seq_adv: torch.Tensor, *, first: bool):
+        cfg, algo = self.cfg, self.cfg.algorithm
+        lengths = batch.response_lengths()
+        pos = batch.positive
+        if algo.objective == "psr":
+            kept = [i for i in idx if pos[i]]
+        elif algo.objective == "nsr":
+            kept = [i for i in idx if not pos[i]]
+        else:
+            kept = idx
+        token_count = int(lengths[kept].sum()) if kept else 0
+        if token_count == 0:
+            return {"optim/skipped_empty": 1.0}
+        seq_count = sum(1 for i in kept if lengths[i] > 0)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        gap_sum = gap_n = 0.0
+        for mb in batch.micro_batches(idx, cfg.train.micro_batch_size):
+            t = batch.collate(mb, self.pad_id, self.device)
+            out = forward_logprobs(
+                self.model,
+                t["input_ids"],
+                t["attention_mask"],
+                temperature=cfg.rollout.temperature,
+                return_entropy=True,
+            )
+            adv_BT, mask_BT = token_advantages(
+                algo.objective,
+                seq_adv[mb].to(self.device),
+                t["positive"],
+                t["resp_mask"],
+                t.get("resrl_weight"),
+                pos_scale=algo.pos_scale,
+                w_lambda=algo.w_lambda,
+            )
+            loss, m = policy_loss(
+                out["logprob"],
+                t.get("old_logprob"),
+                adv_BT,
+                mask_BT,
+                eps_low=algo.eps_low,
+                eps_high=algo.eps_high,
+                dual_clip=algo.dual_clip,
+                agg=algo.agg,
+                token_count=token_count,
+                seq_count=seq_count,
+                norm_len=cfg.rollout.max_new_tokens,
+                ref_logprob=t.get("ref_logprob"),
+                kl_coef=algo.kl_coef,
+                kl_kind=algo.kl_kind,
+                entropy=out["entropy"],
+                entropy_coef=algo.entropy_coef,
+            )
+            loss.backward()
+            if first:
+                with torch.no_grad():
+                    gap = (out["logprob"] - t["sample_logprob"]).abs()
+                    gap_sum += float(torch.where(t["resp_mask"], gap, 0.0).sum())
+                    gap_n += float(t["resp_mask"].sum())
+            w = m.pop("valid_tokens")
+            sums["loss/pg"] = sums.get("loss/pg", 0.0) + m.pop("pg_loss")
+            for key in ("ratio_max", "ratio_min"):
+                value = m.pop(key)
+                if w:
+                    prev = sums.get(f"loss/{key}")
+                    sums[f"loss/{key}"] = (
+                        value if prev is None else (max if key == "ratio_max" else min)(prev, value)
+                    )
+            for key, value in m.items():
+                sums[f"loss/{key}"] = sums.get(f"loss/{key}", 0.0) + value * w
+            sums["_w"] = sums.get("_w", 0.0) + w
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"step {self.step}: the gradient norm is {grad_norm}; lower optim.lr or check the data"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        w = sums.pop("_w") or 1.0
+        out = {
+            k: (v if k in ("loss/pg", "loss/ratio_max", "loss/ratio_min") else v / w) for k, v in sums.items()
+        }
+        out["optim/grad_norm"] = grad_norm
+        if first and gap_n:
+            out["rollout/logprob_gap"] = gap_sum / gap_n
+        return out
+
+    # ------------------------------------------------------------------ around the loop
+
+    def warm_start(self) -> dict[str, float]:
+        if self.cfg.sft.steps == 0:
+            return {}
+        targets = solution_ids(self.train_set.examples, self.tokenizer)
+        metrics = warm_start(
+            self.model,
+            self.train_set.prompt_ids,
+            targets,
+            self.cfg.sft,
+            pad_id=self.pad_id,
+            seed=_seed(self.cfg.run.seed, _SFT),
+            progress=self.cfg.run.progress,
+        )
+        self.engine.sync_weights(self.model)
+        return metrics
+
+    def evaluate(self, tag: str) -> dict[str, float]:
+        from resrl.eval.evaluate import evaluate
+
+        cfg = self.cfg
+        examples = self.eval_set.examples
+        if cfg.eval.max_problems:
+            examples = examples[: cfg.eval.max_problems]
+        result = evaluate(
+            self.engine,
+            examples,
+            self.tokenizer,
+            n=cfg.eval.n,
+            temperature=cfg.eval.temperature,
+            top_p=cfg.eval.top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=_seed(cfg.run.seed, _EVAL),
+            reward=cfg.algorithm.reward,
+            progress=cfg.run.progress,
+        )
+        result.write(self.run_dir / "eval", name=tag)
+        return result.summary
+
+    def _reference_model(self) -> torch.nn.Module:
+        """A frozen copy of the policy as it starts RL (after any warm start), for the KL term."""
+        state = self.history.get("ref_state")
+        ref = copy.deepcopy(self.model)
+        if state is not None:
+            ref.load_state_dict(state)
+        else:
+            self.history["ref_state"] = {
+                k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+            }
+        ref.requires_grad_(False).eval()
+        return ref
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "history": self.history,
+            "config": self.cfg.to_dict(),
+        }
+        return checkpoint.save(self.run_dir, self.step, state, keep=self.cfg.run.keep_checkpoints)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.history = state["history"]
+        self.step = state["step"]
+        self.engine.sync_weights(self.model)
+
+    def export(self, path: Path) -> None:
+        """A Hugging Face folder (safetensors, config, tokenizer) that transformers and vLLM load."""
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+    def write_summary(self) -> dict[str, Any]:
+        h = self.history
+        summary = {
+            "run": self.cfg.run.name,
+            "objective": self.cfg.algorithm.objective,
+            "steps": self.step,
+            "rl_seconds": h.get("rl_seconds"),
+            "sft": h.get("sft", {}),
+            "eval_before": h.get("eval_before"),
+            "eval_after": h.get("eval_after"),
+            "device": str(self.device),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary

@@ -1,0 +1,274 @@
+"""The trainer end to end on a very small model: runs, pre-pass, gradient invariance, kernels paths,
+resume, crash during a checkpoint save."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from resrl import checkpoint
+from resrl.algorithms import resrl_token_weights
+from resrl.batch import RolloutBatch, split_rows
+from resrl.config import ConfigError, resolve
+from resrl.model import forward_logprobs
+from resrl.prepass import prepass
+from resrl.tracker import read_metrics
+from resrl.trainer import Trainer
+
+SMALL = [
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.intermediate_size=128",
+    "model.max_position_embeddings=96",
+    "data.task_train_size=64",
+    "data.task_eval_size=6",
+    "rollout.n=4",
+    "rollout.max_new_tokens=24",
+    "train.steps=2",
+    "train.prompts_per_step=4",
+    "train.mini_batch_prompts=4",
+    "train.micro_batch_size=8",
+    "sft.steps=3",
+    "sft.batch_size=8",
+    "eval.n=2",
+    "eval.max_problems=4",
+    "run.tensorboard=false",
+    "run.progress=false",
+    "run.name=run",
+]
+
+
+def small_cfg(tmp_path, *extra):
+    return resolve("tiny", overrides=[*SMALL, f"run.out_dir={tmp_path}", *extra])
+
+
+def test_fit_writes_run_directory(tmp_path):
+    cfg = small_cfg(tmp_path, "run.name=e2e", "run.tensorboard=true", "run.checkpoint_every=1")
+    summary = Trainer(cfg).fit()
+    run = tmp_path / "e2e"
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("eval_before", "eval_after"):
+        assert {"pass@1", "pass@2", "avg@2", "maj@2"} <= set(on_disk[key])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward/mean", "loss/pg", "optim/grad_norm", "time/rollout_s", "rollout/logprob_gap"):
+        assert key in rows[0]
+    # On-policy first update: the trainer's log-probs are the engine's sampling log-probs.
+    assert rows[0]["rollout/logprob_gap"] < 1e-4
+    assert list((run / "tensorboard").iterdir())
+    assert (run / "eval" / "after_samples.jsonl").is_file()
+    assert checkpoint.latest(run).name == "step_000002"
+    assert len(list((run / "checkpoints").glob("step_*"))) == 2
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert model.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("objective", ["grpo", "psr", "nsr", "w_reinforce"])
+def test_every_objective_trains(tmp_path, objective):
+    cfg = small_cfg(tmp_path, f"algorithm.objective={objective}", "train.steps=1", "eval.before=false")
+    Trainer(cfg).fit()
+    (row,) = read_metrics(tmp_path / "run")
+    assert row["optim/steps"] == 1.0
+    assert all(v == v for v in row.values() if isinstance(v, float))
+
+
+def _batch_with_mixed_groups(trainer, n_prompts=3, seed=0):
+    """Real prompts with random responses; positives assigned so every group is mixed."""
+    g = trainer.cfg.rollout.n
+    gen = torch.Generator().manual_seed(seed)
+    prompts, responses, positive, groups = [], [], [], []
+    for slot in range(n_prompts):
+        for j in range(g):
+            prompts.append(trainer.train_set.prompt_ids[slot])
+            length = int(torch.randint(3, 12, (1,), generator=gen))
+            responses.append(torch.randint(4, 40, (length,), generator=gen).tolist())
+            positive.append(j < g // 2)
+            groups.append(100 + slot)
+    return RolloutBatch(
+        prompt_ids=prompts,
+        response_ids=responses,
+        sample_logprob=[torch.zeros(len(r)) for r in responses],
+        rewards=torch.tensor([1.0 if p else -1.0 for p in positive]),
+        positive=torch.tensor(positive),
+        truncated=torch.zeros(len(prompts), dtype=torch.bool),
+        group=torch.tensor(groups),
+    )
+
+
+@pytest.mark.parametrize("layer", ["penultimate", "final"])
+def test_prepass_weights_equal_the_reference(tmp_path, layer):
+    cfg = small_cfg(tmp_path, f"algorithm.subspace_layer={layer}", "algorithm.subspace_rank=3")
+    trainer = Trainer(cfg)
+    batch = _batch_with_mixed_groups(trainer)
+    metrics = prepass(
+        trainer.model,
+        batch,
+        cfg.algorithm,
+        temperature=1.0,
+        micro_batch_size=5,
+        pad_id=0,
+        seed=7,
+        need_old=True,
+    )
+    assert metrics["resrl/groups_weighted"] == 3.0
+    # Reference: one forward over everything, the kernels-level function on the gathered tokens.
+    idx = list(range(len(batch)))
+    t = batch.collate(idx, 0, torch.device("cpu"))
+    with torch.no_grad():
+        out = forward_logprobs(trainer.model, t["input_ids"], t["attention_mask"], subspace_layer=layer)
+    resp = t["resp_mask"]
+    hidden_ND = out["sub_hidden"][resp]
+    rows = torch.arange(len(batch))[:, None].expand_as(resp)[resp]
+    expected = resrl_token_weights(
+        hidden_ND,
+        batch.group[rows],
+        batch.positive[rows],
+        rank=3,
+        max_tokens=cfg.algorithm.subspace_max_tokens,
+        seed=7,
+    )
+    got = torch.cat(batch.token_values["resrl_weight"])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got[~batch.positive[rows]] < 1).any()
+    old = torch.cat(batch.token_values["old_logprob"])
+    torch.testing.assert_close(old, torch.cat(split_rows(out["logprob"], resp)), atol=1e-5, rtol=1e-5)
+
+
+def _grads_of_one_update(trainer, batch):
+    grads = {}
+
+    def record():
+        for name, p in trainer.model.named_parameters():
+            grads[name] = p.grad.detach().clone()
+
+    trainer.optimizer.step = record
+    seq_adv = torch.linspace(-1.5, 1.5, len(batch))
+    trainer.update(batch, seq_adv, step=0)
+    return grads
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_gradient_does_not_depend_on_micro_batching(tmp_path, agg):
+    cfg_one = small_cfg(tmp_path, "run.name=a", "train.micro_batch_size=8", f"algorithm.agg={agg}")
+    cfg_many = small_cfg(tmp_path, "run.name=b", "train.micro_batch_size=1", f"algorithm.agg={agg}")
+    results = []
+    for cfg in (cfg_one, cfg_many):
+        trainer = Trainer(cfg)
+        batch = _batch_with_mixed_groups(trainer, n_prompts=2)
+        prepass(
+            trainer.model,
+            batch,
+            cfg.algorithm,
+            temperature=1.0,
+            micro_batch_size=8,
+            pad_id=0,
+            seed=0,
+            need_old=False,
+        )
+        results.append(_grads_of_one_update(trainer, batch))
+    assert results[0].keys() == results[1].keys()
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in results[0].values())
+
+
+def test_torch_and_triton_kernels_give_the_same_run(tmp_path, monkeypatch):
+    losses = {}
+    for impl in ("torch", "triton"):
+        monkeypatch.setenv("RESRL_KERNEL_IMPL", impl)
+        cfg = small_cfg(
+            tmp_path, f"run.name={impl}", "sft.steps=2", "eval.before=false", "eval.max_problems=2"
+        )
+        Trainer(cfg).fit()
+        losses[impl] = read_metrics(tmp_path / impl)
+    for a, b in zip(losses["torch"], losses["triton"], strict=True):
+        for key in ("reward/mean", "loss/pg", "optim/grad_norm", "loss/entropy", "response/length_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def _comparable(row):
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))}
+
+
+def test_resume_gives_the_same_next_step(tmp_path):
+    straight = small_cfg(tmp_path, "run.name=straight", "train.steps=3")
+    Trainer(straight).fit()
+    # Interrupted after step 2 (its checkpoint), then resumed with the full step budget.
+    Trainer(small_cfg(tmp_path, "run.name=resumed", "train.steps=2")).fit()
+    resumed = Trainer(small_cfg(tmp_path, "run.name=resumed", "train.steps=3"))
+    assert resumed.step == 2
+    resumed.fit()
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    assert _comparable(a[2]) == pytest.approx(_comparable(b[2]), rel=1e-6, abs=1e-7)
+    for name, p in AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "final").state_dict().items():
+        q = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "final").state_dict()[name]
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+        break
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(small_cfg(tmp_path, "train.steps=1", "eval.before=false"))
+    trainer.step = 1
+    first = trainer.save()
+    real_save = torch.save
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    trainer.step = 2
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    monkeypatch.setattr(torch, "save", real_save)
+    run = tmp_path / "run"
+    assert checkpoint.latest(run) == first
+    assert checkpoint.load(first)["step"] == 1
+    # The next save cleans the leftover and moves the pointer.
+    trainer.step = 3
+    assert checkpoint.latest(run) == first
+    third = trainer.save()
+    assert checkpoint.latest(run) == third
+    assert not list((run / "checkpoints").glob(".*tmp"))
+
+
+def test_fresh_run_without_resume_starts_over(tmp_path):
+    Trainer(small_cfg(tmp_path, "train.steps=1", "eval.before=false")).fit()
+    again = Trainer(small_cfg(tmp_path, "train.steps=1", "eval.before=false", "run.resume=false"))
+    assert again.step == 0
+
+
+def test_files_as_data(tmp_path):
+    from resrl.tasks import write_dataset
+
+    train = write_dataset(tmp_path / "train.jsonl", 32, seed=3)
+    held = write_dataset(tmp_path / "held.parquet", 4, seed=4, fmt="verl")
+    cfg = small_cfg(
+        tmp_path, f"data.train_files={train}", f"data.eval_files={held}", "train.steps=1", "eval.before=false"
+    )
+    summary = Trainer(cfg).fit()
+    assert summary["eval_after"]["n_problems"] == 4
+
+
+def test_bad_setups_fail_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="train.prompts_per_step=128 exceeds the 64 training prompts"):
+        Trainer(small_cfg(tmp_path, "train.prompts_per_step=128", "train.mini_batch_prompts=64"))
+    train = tmp_path / "t.jsonl"
+    train.write_text('{"problem": "1+1", "answer": "2"}\n')
+    with pytest.raises(ConfigError, match="data.eval_files: needed with data.train_files"):
+        Trainer(small_cfg(tmp_path, f"data.train_files={train}"))
+    cfg = small_cfg(
+        tmp_path,
+        f"data.train_files={train}",
+        f"data.eval_files={train}",
+        "train.prompts_per_step=1",
+        "train.mini_batch_prompts=1",
+    )
+    with pytest.raises(ValueError, match="needs a 'solution' for every training row"):
+        Trainer(cfg).fit()
