@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench bench-cpu lint format clean
+.PHONY: setup test demo bench bench-cpu bench-pytest lint format clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ bench: setup
 
 bench-cpu: setup
 	$(PY) bench/bench_linear_logprob.py --cpu
+
+bench-pytest: setup
+	$(PY) -m pytest -q bench/
 
 lint: setup
 	$(VENV)/bin/ruff check kernels resrl bench tests

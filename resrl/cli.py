@@ -86,7 +86,11 @@ def _print_table(summary: dict) -> None:
         change = f"{a - b:+10.3f}" if b is not None else f"{'':>10}"
         print(f"{k:<28}{'' if b is None else f'{b:10.3f}':>10}{a:10.3f}{change}")
     if summary.get("rl_seconds") is not None:
-        print(f"RL training time: {summary['rl_seconds']:.0f} s on {summary.get('device')}")
+        sft = summary.get("sft", {}).get("sft/seconds", 0.0)
+        print(
+            f"training time on {summary.get('device')}: warm start {sft:.0f} s + RL {summary['rl_seconds']:.0f} s "
+            f"= {summary['train_seconds']:.0f} s (evaluation not included)"
+        )
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -412,6 +412,7 @@ class Trainer:
             "objective": self.cfg.algorithm.objective,
             "steps": self.step,
             "rl_seconds": h.get("rl_seconds"),
+            "train_seconds": (h.get("rl_seconds") or 0.0) + h.get("sft", {}).get("sft/seconds", 0.0),
             "sft": h.get("sft", {}),
             "eval_before": h.get("eval_before"),
             "eval_after": h.get("eval_after"),
