@@ -1,4 +1,4 @@
-"""The `resrl` command line: train, eval, config.
+"""The `resrl` command line: train, eval, compare, config.
 
 resrl train --preset tiny                         # the embedded default
 resrl train --preset tiny algorithm.objective=grpo run.name=grpo
@@ -145,6 +145,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from resrl.compare import run_comparison
+
+    preset = args.preset or ("tiny" if args.config is None else None)
+    run_comparison(
+        preset, args.config, args.overrides, variants=args.variants, seeds=args.seeds, name=args.name
+    )
+    out = Path(resolve(preset, args.config, args.overrides).run.out_dir) / args.name
+    print((out / "compare.md").read_text())
+    print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'pass_at_k.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,6 +176,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
+    from resrl.compare import VARIANTS
+
+    p = sub.add_parser(
+        "compare",
+        help="run several objectives x seeds from the same warm start; table + pass@k plot",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--variants",
+        type=lambda text: text.split(","),
+        default=list(VARIANTS),
+        help=f"comma-separated, from {','.join(VARIANTS)} (default: all)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[0, 1, 2],
+        help="comma-separated",
+    )
+    p.add_argument("--name", default="compare", help="folder under run.out_dir")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("eval", help="pass@k / avg@n / maj@n of a model on a dataset")
     p.add_argument("--model", required=True, help="Hugging Face model folder (e.g. runs/tiny/final)")
     p.add_argument("--data", required=True, nargs="+", help="dataset files (.jsonl/.json/.parquet)")

@@ -1,0 +1,143 @@
+"""The algorithm comparison: the same task, warm start, budget, seeds and evaluation for each objective.
+
+For every seed the warm start runs once and is exported; every variant then starts RL from that
+same policy (`model.path` = the exported folder, `sft.steps=0`), so differences come from the
+objective alone. Output in `<out_dir>/<name>/`: `compare.json` (every run's before/after summary),
+`compare.md` (mean ± sample std over seeds) and `pass_at_k.png` (mean curves with ±std bands).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from resrl.config import resolve
+
+# Variant name -> overrides on top of the shared config. ResRL twice: the subspace from the
+# penultimate layer (the paper's choice) and from the LM-head input.
+VARIANTS: dict[str, list[str]] = {
+    "grpo": ["algorithm.objective=grpo"],
+    "psr": ["algorithm.objective=psr"],
+    "nsr": ["algorithm.objective=nsr"],
+    "w_reinforce": ["algorithm.objective=w_reinforce"],
+    "resrl": ["algorithm.objective=resrl", "algorithm.subspace_layer=penultimate"],
+    "resrl-final": ["algorithm.objective=resrl", "algorithm.subspace_layer=final"],
+}
+TABLE_KEYS = ("pass@1", "avg@", "maj@", "distinct_correct_solutions")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def run_comparison(
+    preset: str | None,
+    config_file: str | None,
+    overrides: list[str],
+    *,
+    variants: list[str],
+    seeds: list[int],
+    name: str = "compare",
+) -> dict[str, Any]:
+    from resrl.trainer import Trainer
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; available: {', '.join(VARIANTS)}")
+    if not seeds:
+        raise ValueError("give at least one seed")
+    base = resolve(preset, config_file, overrides)
+    root = Path(base.run.out_dir) / name
+    root.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[int, dict]] = {v: {} for v in variants}
+    for seed in seeds:
+        start = root / f"warm_start-s{seed}"
+        if not (start / "config.json").is_file():
+            warm = Trainer(
+                resolve(
+                    preset,
+                    config_file,
+                    [
+                        *overrides,
+                        f"run.seed={seed}",
+                        f"run.out_dir={root}",
+                        f"run.name=warm_start-s{seed}-run",
+                        "train.steps=1",
+                    ],
+                )
+            )
+            warm.warm_start()
+            warm.export(start)
+            warm.tracker.close()
+        for variant in variants:
+            cfg = resolve(
+                preset,
+                config_file,
+                [
+                    *overrides,
+                    *VARIANTS[variant],
+                    f"run.seed={seed}",
+                    f"run.out_dir={root}",
+                    f"run.name={variant}-s{seed}",
+                    f"model.path={start}",
+                    f"data.tokenizer={start}",
+                    "sft.steps=0",
+                ],
+            )
+            summary = (
+                json.loads((root / cfg.run.name / "summary.json").read_text()) if _done(root, cfg) else None
+            )
+            results[variant][seed] = summary or Trainer(cfg).fit()
+    report = _report(results)
+    (root / "compare.json").write_text(json.dumps({"runs": results, "report": report}, indent=1, default=str))
+    (root / "compare.md").write_text(_markdown(report, seeds))
+    _plot(report, root / "pass_at_k.png")
+    return report
+
+
+def _done(root: Path, cfg) -> bool:
+    path = root / cfg.run.name / "summary.json"
+    return path.is_file() and json.loads(path.read_text()).get("steps") == cfg.train.steps
+
+
+def _report(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """{row: {metric: (mean, std)}}: the starting policy ("start") and every variant after RL."""
+    report = {}
+    first = next(iter(results.values()))
+    report["start"] = _aggregate([s["eval_before"] for s in first.values()])
+    for variant, by_seed in results.items():
+        report[variant] = _aggregate([s["eval_after"] for s in by_seed.values()])
+    return report
+
+
+def _aggregate(summaries: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    keys = [k for k in summaries[0] if "/" not in k and isinstance(summaries[0][k], int | float)]
+    return {k: _mean_std([s[k] for s in summaries]) for k in keys}
+
+
+def _markdown(report: dict, seeds: list[int]) -> str:
+    some = report["start"]
+    ks = sorted(int(k[5:]) for k in some if k.startswith("pass@"))
+    cols = [f"pass@{k}" for k in ks if k in (1, ks[-1]) or k == ks[len(ks) // 2]]
+    cols += [k for k in some if k.startswith(("avg@", "maj@"))] + ["distinct_correct_solutions"]
+    lines = [
+        f"mean ± std over seeds {seeds}; `start` is the shared warm-started policy before RL",
+        "",
+        "| run | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for row, metrics in report.items():
+        lines.append(
+            f"| {row} | " + " | ".join(f"{metrics[c][0]:.3f} ± {metrics[c][1]:.3f}" for c in cols) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: dict, path: Path) -> None:
+    from resrl.eval.plot import plot_pass_at_k
+
+    curves = {row: {k: v[0] for k, v in m.items() if k.startswith("pass@")} for row, m in report.items()}
+    bands = {row: {k: v[1] for k, v in m.items() if k.startswith("pass@")} for row, m in report.items()}
+    plot_pass_at_k(curves, path, title="held-out pass@k after RL (mean ± std over seeds)", bands=bands)

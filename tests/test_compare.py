@@ -1,0 +1,69 @@
+"""`resrl compare` and `resrl eval` end to end on a very small model."""
+
+import json
+
+import pytest
+
+from resrl.cli import main
+from resrl.compare import run_comparison
+from resrl.tasks import write_dataset
+
+SMALL = [
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.intermediate_size=128",
+    "data.task_train_size=64",
+    "data.task_eval_size=6",
+    "rollout.n=4",
+    "rollout.max_new_tokens=24",
+    "train.steps=2",
+    "train.prompts_per_step=4",
+    "train.mini_batch_prompts=4",
+    "sft.steps=3",
+    "sft.batch_size=8",
+    "eval.n=4",
+    "run.progress=false",
+    "run.tensorboard=false",
+]
+
+
+def test_comparison_shares_the_warm_start_and_writes_table_and_plot(tmp_path):
+    report = run_comparison(
+        "tiny", None, [*SMALL, f"run.out_dir={tmp_path}"], variants=["grpo", "resrl", "nsr"], seeds=[0, 1]
+    )
+    root = tmp_path / "compare"
+    assert set(report) == {"start", "grpo", "resrl", "nsr"}
+    assert {"pass@1", "pass@4", "avg@4", "maj@4"} <= set(report["grpo"])
+    runs = json.loads((root / "compare.json").read_text())["runs"]
+    for seed in ("0", "1"):
+        befores = [runs[v][seed]["eval_before"] for v in ("grpo", "resrl", "nsr")]
+        # Every variant of a seed starts from the same exported warm start and the same eval seed.
+        assert befores[0] == befores[1] == befores[2]
+    table = (root / "compare.md").read_text()
+    assert "| resrl | " in table and "mean ± std over seeds [0, 1]" in table
+    assert (root / "pass_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A rerun reuses finished runs instead of training again.
+    stamp = (root / "grpo-s0" / "summary.json").stat().st_mtime_ns
+    run_comparison("tiny", None, [*SMALL, f"run.out_dir={tmp_path}"], variants=["grpo"], seeds=[0])
+    assert (root / "grpo-s0" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_unknown_variant(tmp_path):
+    with pytest.raises(ValueError, match="unknown variants \\['ppo'\\]; available: grpo, psr"):
+        run_comparison("tiny", None, [f"run.out_dir={tmp_path}"], variants=["ppo"], seeds=[0])
+
+
+def test_eval_cli_on_a_trained_run(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", *SMALL, f"run.out_dir={tmp_path}", "run.name=r"]) == 0
+    data = write_dataset(tmp_path / "held.jsonl", 5, seed=9)
+    out = tmp_path / "ev"
+    args = ["eval", "--model", str(tmp_path / "r" / "final"), "--data", str(data), "--n", "4"]
+    assert main([*args, "--max-new-tokens", "24", "--out", str(out), "--plot"]) == 0
+    summary = json.loads((out / "eval_summary.json").read_text())
+    assert summary["n_problems"] == 5 and {"pass@1", "pass@2", "pass@4", "avg@4"} <= set(summary)
+    assert len((out / "eval_samples.jsonl").read_text().splitlines()) == 5
+    assert (out / "eval_pass_at_k.png").stat().st_size > 0
+    assert main(["eval", "--model", str(tmp_path), "--data", str(data)]) == 2
+    assert "not a Hugging Face model folder" in capsys.readouterr().err
