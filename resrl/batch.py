@@ -1,8 +1,10 @@
-"""A rollout batch as the update sees it, and how its sequences become padded micro-batch tensors.
+"""A rollout batch as the update sees it, and how its sequences become micro-batch tensors.
 
 Per-token values (sampling, old and reference log-probs, ResRL weights) are stored per sequence as
-1-D tensors over the response tokens and scattered into the [b, L-1] logprob layout of whichever
-micro-batch the sequence lands in, so no phase depends on another phase's batching.
+1-D tensors over the response tokens. A micro-batch is either padded ([b, L] with an attention mask)
+or packed (one row, positions restarting per sequence, no padding); either way the model's
+outputs are gathered into one "response layout" [b, T] (`responses_of`), where losses, pre-pass
+and metrics are computed, so no phase depends on how another phase batched.
 """
 
 from __future__ import annotations
@@ -50,30 +52,91 @@ class RolloutBatch:
     def response_lengths(self) -> torch.Tensor:
         return torch.tensor([len(r) for r in self.response_ids], dtype=torch.long)
 
-    def micro_batches(self, indices: list[int], size: int) -> list[list[int]]:
-        """`indices` in chunks of `size`, longest sequences first so padding stays small."""
-        lengths = [len(self.prompt_ids[i]) + len(self.response_ids[i]) for i in indices]
-        order = [indices[j] for j in sorted(range(len(indices)), key=lambda j: -lengths[j])]
-        return [order[s : s + size] for s in range(0, len(order), size)]
+    def micro_batches(self, indices: list[int], size: int, max_tokens: int = 0) -> list[list[int]]:
+        """Split `indices` into micro-batches, longest sequences first.
 
-    def collate(self, idx: list[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """`pad_sequences` of the sequences `idx`, plus every per-token value present (scattered into
-        the same [b, L-1] layout), rewards and positive flags, on `device`."""
-        ids_BL, mask_BL, resp_BT = pad_sequences(
-            [self.prompt_ids[i] for i in idx], [self.response_ids[i] for i in idx], pad_id
-        )
-        b, seq_len = ids_BL.shape
-        spans = [(len(self.prompt_ids[i]) - 1, len(self.response_ids[i])) for i in idx]
-        out = {"input_ids": ids_BL, "attention_mask": mask_BL, "resp_mask": resp_BT}
+        `max_tokens` 0: chunks of `size` sequences (padded). Otherwise (packing): greedy chunks whose
+        prompt+response tokens stay within `max_tokens`; a sequence longer than the budget gets a
+        micro-batch of its own.
+        """
+        lengths = {i: len(self.prompt_ids[i]) + len(self.response_ids[i]) for i in indices}
+        order = sorted(indices, key=lambda i: -lengths[i])
+        if not max_tokens:
+            return [order[s : s + size] for s in range(0, len(order), size)]
+        chunks: list[list[int]] = []
+        used = 0
+        for i in order:
+            if not chunks or used + lengths[i] > max_tokens:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(i)
+            used += lengths[i]
+        return chunks
+
+    def collate(
+        self, idx: list[int], pad_id: int, device: torch.device, *, packed: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs for the sequences `idx` and their per-token values in the response layout.
+
+        Model inputs: padded (`pad_sequences`: input_ids/attention_mask [b, L]) or packed
+        (`pack_sequences`: input_ids/position_ids [1, L], no attention mask: positions restarting
+        at 0 mark the sequence boundaries). Response layout, the same for both: `index` [b, T] (T the
+        longest response) holds the flat position in the model's [rows * (L-1)] logprob output that
+        scores each response token, `resp_mask` [b, T] marks real tokens, and every per-token value
+        present (sample/old/ref log-probs, ResRL weights) is [b, T]; plus rewards and positive [b].
+        """
+        prompts = [self.prompt_ids[i] for i in idx]
+        responses = [self.response_ids[i] for i in idx]
+        if packed:
+            ids_RL, pos_RL, starts = pack_sequences(prompts, responses, pad_id)
+            out = {"input_ids": ids_RL, "position_ids": pos_RL}
+        else:
+            ids_RL, mask_RL, _ = pad_sequences(prompts, responses, pad_id)
+            width = ids_RL.shape[1] - 1
+            starts = [row * width + len(p) - 1 for row, p in enumerate(prompts)]
+            out = {"input_ids": ids_RL, "attention_mask": mask_RL}
+        lengths = torch.tensor([len(r) for r in responses])
+        t_max = max(int(lengths.max()), 1)
+        offsets_T = torch.arange(t_max)
+        resp_bT = offsets_T[None, :] < lengths[:, None]
+        out["resp_mask"] = resp_bT
+        out["index"] = torch.where(resp_bT, torch.tensor(starts)[:, None] + offsets_T, 0)
         values = {"sample_logprob": self.sample_logprob, **self.token_values}
         for name, per_seq in values.items():
-            t_BT = torch.zeros(b, seq_len - 1, dtype=torch.float32)
-            for row, (i, (start, n)) in enumerate(zip(idx, spans, strict=True)):
-                t_BT[row, start : start + n] = per_seq[i]
-            out[name] = t_BT
+            t_bT = torch.zeros(len(idx), t_max, dtype=torch.float32)
+            for row, i in enumerate(idx):
+                t_bT[row, : len(per_seq[i])] = per_seq[i]
+            out[name] = t_bT
         out["rewards"] = self.rewards[idx]
         out["positive"] = self.positive[idx]
         return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+def responses_of(values_RT: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A model output in the logprob layout ([rows, L-1] or [rows, L-1, D]) gathered into the
+    response layout of `collate` ([b, T] or [b, T, D]); differentiable."""
+    flat = values_RT.reshape(-1, *values_RT.shape[2:])
+    return flat[t["index"]]
+
+
+def pack_sequences(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """All sequences concatenated into one row: input_ids and position_ids [1, L] (positions restart
+    at 0 for each sequence, which is how transformers' attention keeps packed sequences apart), and
+    the flat logprob-layout position of each sequence's first response token."""
+    ids: list[int] = []
+    pos: list[int] = []
+    starts = []
+    for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        if not p:
+            raise ValueError(f"sequence {row} has an empty prompt; every prompt needs at least one token")
+        starts.append(len(ids) + len(p) - 1)
+        ids += p + r
+        pos += range(len(p) + len(r))
+    if len(ids) < 2:
+        ids, pos = ids + [pad_id], pos + [0]
+    return torch.tensor([ids]), torch.tensor([pos]), starts
 
 
 def pad_sequences(
@@ -94,9 +157,3 @@ def pad_sequences(
         mask_BL[row, : len(p) + len(r)] = 1
         resp_BT[row, len(p) - 1 : len(p) - 1 + len(r)] = True
     return ids_BL, mask_BL, resp_BT
-
-
-def split_rows(values_BT: torch.Tensor, resp_BT: torch.Tensor) -> list[torch.Tensor]:
-    """The response tokens of each row of a [b, L-1] tensor, as CPU fp32 1-D tensors."""
-    values_BT, resp_BT = values_BT.detach().float().cpu(), resp_BT.cpu()
-    return [values_BT[row][resp_BT[row]] for row in range(values_BT.shape[0])]

@@ -255,6 +255,11 @@ class TrainConfig:
     """Sequences per forward/backward; never changes the gradient, only the memory."""
     epochs_per_batch: int = 1
     """Passes over each rollout batch."""
+    pack: bool = False
+    """Pack micro-batches by a token budget instead of padding them: sequences are concatenated
+    into one row with positions restarting per sequence (no padding tokens computed)."""
+    max_tokens_per_micro_batch: int = 4096
+    """With pack: prompt+response tokens per micro-batch (a longer sequence gets one of its own)."""
 
     def validate(self) -> None:
         for name in (

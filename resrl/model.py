@@ -136,11 +136,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def forward_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,  # [B, L] int64
-    attention_mask: torch.Tensor,  # [B, L] 0/1
+    attention_mask: torch.Tensor | None,  # [B, L] 0/1, or None for packed rows
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
     subspace_layer: str | None = None,
+    position_ids: torch.Tensor | None = None,  # [B, L]
 ) -> dict[str, torch.Tensor | None]:
     """Log-prob of each next token under the model, without logits.
 
@@ -149,6 +150,11 @@ def forward_logprobs(
     (detached, the model's dtype) is the input of the last decoder layer for "penultimate" or the
     final normed hidden state for "final", at the same positions. Padded positions get values too;
     callers mask them.
+
+    Packed rows (several sequences concatenated, no padding): pass `attention_mask=None` and
+    `position_ids` restarting at 0 for each sequence; transformers then keeps the sequences apart
+    (a block-causal mask with SDPA, varlen with flash-attn). The position scoring the first token
+    of the next sequence is meaningless; callers never select it.
 
     Runs `model.model` (the trunk) with position ids from the attention-mask cumsum, then
     `kernels.linear_logprob` on `model.lm_head.weight` (tied or not). Gradients flow to the trunk
@@ -166,7 +172,13 @@ def forward_logprobs(
         raise ValueError(
             f"input_ids must be an int64/int32 tensor [B, L], got {getattr(input_ids, 'shape', input_ids)}"
         )
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+    if attention_mask is None:
+        if not isinstance(position_ids, torch.Tensor) or position_ids.shape != input_ids.shape:
+            raise ValueError(
+                "attention_mask=None (packed rows) needs position_ids with input_ids' shape "
+                f"{tuple(input_ids.shape)}, got {getattr(position_ids, 'shape', position_ids)}"
+            )
+    elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask must be a tensor with input_ids' shape {tuple(input_ids.shape)}, "
             f"got {getattr(attention_mask, 'shape', attention_mask)}"
@@ -181,7 +193,8 @@ def forward_logprobs(
     if not isinstance(lm_head, nn.Module) or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
         raise TypeError(f"{type(model).__name__} has no `lm_head` with a weight")
 
-    position_ids = position_ids_from_mask(attention_mask)
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
     capture = HiddenCapture(model) if subspace_layer == "penultimate" else None
     if capture is not None:
         with capture:

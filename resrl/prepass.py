@@ -15,7 +15,7 @@ from torch import nn
 
 import kernels
 from resrl.algorithms import group_seed
-from resrl.batch import RolloutBatch, split_rows
+from resrl.batch import RolloutBatch, responses_of
 from resrl.config import AlgorithmConfig
 from resrl.model import forward_logprobs
 
@@ -46,6 +46,22 @@ def _bases(pools: dict[int, list[torch.Tensor]], algo: AlgorithmConfig, seed: in
     return basis_GDK, torch.stack(means), row_of
 
 
+def _in_order(batch: RolloutBatch, order: list[int], size: int, max_tokens: int) -> list[list[int]]:
+    """`order` cut into micro-batches without reordering (positives must stay first)."""
+    if not max_tokens:
+        return [order[s : s + size] for s in range(0, len(order), size)]
+    chunks: list[list[int]] = []
+    used = 0
+    for i in order:
+        n = len(batch.prompt_ids[i]) + len(batch.response_ids[i])
+        if not chunks or used + n > max_tokens:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += n
+    return chunks
+
+
 @torch.no_grad()
 def prepass(
     model: nn.Module,
@@ -55,12 +71,14 @@ def prepass(
     temperature: float,
     micro_batch_size: int,
     pad_id: int,
+    max_tokens: int = 0,
     seed: int,
     need_old: bool,
     ref_model: nn.Module | None = None,
 ) -> dict[str, float]:
     """Fill batch.token_values with old_logprob (if need_old), ref_logprob (if ref_model) and
-    resrl_weight (objective resrl). Returns metrics of the ResRL weights."""
+    resrl_weight (objective resrl). Micro-batches hold `micro_batch_size` padded sequences, or are
+    packed up to `max_tokens` tokens when that is > 0. Returns metrics of the ResRL weights."""
     use_resrl = algo.objective == "resrl"
     if not (need_old or ref_model is not None or use_resrl):
         return {}
@@ -82,34 +100,37 @@ def prepass(
     bases_built = False
     # Positives first (stable), so the pools are complete before the first negative.
     order = [i for i in range(b) if positive[i]] + [i for i in range(b) if not positive[i]]
-    for start in range(0, b, micro_batch_size):
-        idx = order[start : start + micro_batch_size]
-        mb = batch.collate(idx, pad_id, device)
+    for idx in _in_order(batch, order, micro_batch_size, max_tokens):
+        mb = batch.collate(idx, pad_id, device, packed=max_tokens > 0)
         wants_hidden = any(group[i] in mixed for i in idx)
+        inputs = (mb["input_ids"], mb.get("attention_mask"))
         out = forward_logprobs(
             model,
-            mb["input_ids"],
-            mb["attention_mask"],
+            *inputs,
+            position_ids=mb.get("position_ids"),
             temperature=temperature,
             subspace_layer=algo.subspace_layer if wants_hidden else None,
         )
+        resp_bT = mb["resp_mask"]
         if need_old:
-            for i, lp in zip(idx, split_rows(out["logprob"], mb["resp_mask"]), strict=True):
-                old[i] = lp
+            lp_bT = responses_of(out["logprob"], mb).cpu()
+            for row, i in enumerate(idx):
+                old[i] = lp_bT[row][resp_bT[row].cpu()]
         if ref_model is not None:
             ref_out = forward_logprobs(
-                ref_model, mb["input_ids"], mb["attention_mask"], temperature=temperature
+                ref_model, *inputs, position_ids=mb.get("position_ids"), temperature=temperature
             )
-            for i, lp in zip(idx, split_rows(ref_out["logprob"], mb["resp_mask"]), strict=True):
-                ref[i] = lp
+            lp_bT = responses_of(ref_out["logprob"], mb).cpu()
+            for row, i in enumerate(idx):
+                ref[i] = lp_bT[row][resp_bT[row].cpu()]
         if not wants_hidden:
             continue
-        hidden_BTD, resp_BT = out["sub_hidden"], mb["resp_mask"]
+        hidden_bTD = responses_of(out["sub_hidden"], mb)
         neg_rows, neg_chunks = [], []
         for row, i in enumerate(idx):
             if group[i] not in mixed:
                 continue
-            tokens_RD = hidden_BTD[row][resp_BT[row]]
+            tokens_RD = hidden_bTD[row][resp_bT[row]]
             if positive[i]:
                 pools.setdefault(group[i], []).append(tokens_RD)
             else:

@@ -17,7 +17,7 @@ import torch
 
 from resrl import checkpoint
 from resrl.algorithms import group_advantages, group_seed, policy_loss, token_advantages
-from resrl.batch import RolloutBatch
+from resrl.batch import RolloutBatch, responses_of
 from resrl.config import Config
 from resrl.loading import PromptSampler, load_model, load_task, resolve_device
 from resrl.model import forward_logprobs
@@ -135,6 +135,7 @@ class Trainer:
                 temperature=cfg.rollout.temperature,
                 micro_batch_size=cfg.train.micro_batch_size,
                 pad_id=self.pad_id,
+                max_tokens=cfg.train.max_tokens_per_micro_batch if cfg.train.pack else 0,
                 seed=_seed(cfg.run.seed, _RESRL, step),
                 need_old=n_updates > 1,
                 ref_model=self.ref_model,
@@ -252,15 +253,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         gap_sum = gap_n = 0.0
-        for mb in batch.micro_batches(idx, cfg.train.micro_batch_size):
-            t = batch.collate(mb, self.pad_id, self.device)
+        packed = cfg.train.pack
+        budget = cfg.train.max_tokens_per_micro_batch if packed else 0
+        for mb in batch.micro_batches(idx, cfg.train.micro_batch_size, budget):
+            t = batch.collate(mb, self.pad_id, self.device, packed=packed)
             out = forward_logprobs(
                 self.model,
                 t["input_ids"],
-                t["attention_mask"],
+                t.get("attention_mask"),
+                position_ids=t.get("position_ids"),
                 temperature=cfg.rollout.temperature,
                 return_entropy=True,
             )
+            logprob_bT = responses_of(out["logprob"], t)
             adv_BT, mask_BT = token_advantages(
                 algo.objective,
                 seq_adv[mb].to(self.device),
@@ -271,7 +276,7 @@ class Trainer:
                 w_lambda=algo.w_lambda,
             )
             loss, m = policy_loss(
-                out["logprob"],
+                logprob_bT,
                 t.get("old_logprob"),
                 adv_BT,
                 mask_BT,
@@ -285,13 +290,13 @@ class Trainer:
                 ref_logprob=t.get("ref_logprob"),
                 kl_coef=algo.kl_coef,
                 kl_kind=algo.kl_kind,
-                entropy=out["entropy"],
+                entropy=responses_of(out["entropy"], t),
                 entropy_coef=algo.entropy_coef,
             )
             loss.backward()
             if first:
                 with torch.no_grad():
-                    gap = (out["logprob"] - t["sample_logprob"]).abs()
+                    gap = (logprob_bT - t["sample_logprob"]).abs()
                     gap_sum += float(torch.where(t["resp_mask"], gap, 0.0).sum())
                     gap_n += float(t["resp_mask"].sum())
             w = m.pop("valid_tokens")

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from resrl import checkpoint
 from resrl.algorithms import resrl_token_weights
-from resrl.batch import RolloutBatch, split_rows
+from resrl.batch import RolloutBatch, responses_of
 from resrl.config import ConfigError, resolve
 from resrl.model import forward_logprobs
 from resrl.prepass import prepass
@@ -121,7 +121,7 @@ def test_prepass_weights_equal_the_reference(tmp_path, layer):
     with torch.no_grad():
         out = forward_logprobs(trainer.model, t["input_ids"], t["attention_mask"], subspace_layer=layer)
     resp = t["resp_mask"]
-    hidden_ND = out["sub_hidden"][resp]
+    hidden_ND = responses_of(out["sub_hidden"], t)[resp]
     rows = torch.arange(len(batch))[:, None].expand_as(resp)[resp]
     expected = resrl_token_weights(
         hidden_ND,
@@ -135,7 +135,7 @@ def test_prepass_weights_equal_the_reference(tmp_path, layer):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert (got[~batch.positive[rows]] < 1).any()
     old = torch.cat(batch.token_values["old_logprob"])
-    torch.testing.assert_close(old, torch.cat(split_rows(out["logprob"], resp)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(old, responses_of(out["logprob"], t)[resp], atol=1e-5, rtol=1e-5)
 
 
 def _grads_of_one_update(trainer, batch):
