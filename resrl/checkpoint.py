@@ -2,12 +2,14 @@
 
 Layout under the run directory::
 
-    checkpoints/step_000020/state.pt     one complete checkpoint
+    checkpoints/step_000020/shards/      model + optimizer, torch.distributed.checkpoint format
+    checkpoints/step_000020/meta.pt      step, schedule, data position, RNG, history, config
     checkpoints/latest                   the name of the newest complete one
 
-A save writes into a hidden temporary folder, flushes it to disk, renames it into place and only
-then moves the `latest` pointer (write-then-rename, atomic on POSIX). A crash at any point leaves
-the previous checkpoint and pointer as they were; the next save removes the leftover.
+A save writes into a hidden temporary folder, flushes it, renames it into place and only then moves
+the `latest` pointer (write-then-rename, atomic on POSIX). A crash at any point leaves the previous
+checkpoint and pointer as they were; the next save removes the leftover. The shards are written
+per rank and resharded on load, so a run saved at N processes resumes at M.
 """
 
 from __future__ import annotations
@@ -19,8 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-STATE_FILE = "state.pt"
+from resrl.distributed import SINGLE, World
+
+META_FILE = "meta.pt"
+SHARDS = "shards"
 POINTER = "latest"
 
 
@@ -46,31 +54,50 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(run_dir: str | os.PathLike, step: int, state: dict[str, Any], *, keep: int = 2) -> Path:
-    """Write `state` as the checkpoint of `step`, point `latest` at it, keep the newest `keep`."""
+def save(
+    run_dir: str | os.PathLike,
+    step: int,
+    *,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    keep: int = 2,
+    world: World = SINGLE,
+) -> Path:
+    """Checkpoint `step`: model and optimizer through torch.distributed.checkpoint (each rank writes
+    its shards; loadable at another process count), `meta` (schedule, data position, RNG, history)
+    from rank 0. Point `latest` at it and keep the newest `keep`. Called by every rank."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
-    # Leftovers of a save that crashed (this step's or an earlier one's).
-    for leftover in root.glob(".step_*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
     tmp = root / f".{name}.tmp"
-    tmp.mkdir()
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a save that crashed (this step's or an earlier one's).
+        for leftover in root.glob(".step_*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir()
+    _barrier(world)
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDS))
+    if world.is_main:
+        with open(tmp / META_FILE, "wb") as f:
+            torch.save(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+    _barrier(world)
     final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer_tmp = root / f".{POINTER}.tmp"
-    pointer_tmp.write_text(name + "\n")
-    os.replace(pointer_tmp, root / POINTER)
-    _fsync_dir(root)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    if world.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = root / f".{POINTER}.tmp"
+        pointer_tmp.write_text(name + "\n")
+        os.replace(pointer_tmp, root / POINTER)
+        _fsync_dir(root)
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier(world)
     return final
 
 
@@ -80,16 +107,29 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
     pointer = root / POINTER
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
-        if (candidate / STATE_FILE).is_file():
+        if (candidate / META_FILE).is_file():
             return candidate
-    complete = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
+    complete = sorted(p for p in root.glob("step_*") if (p / META_FILE).is_file())
     return complete[-1] if complete else None
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's state (a folder from `latest`, or its state.pt)."""
+def load(path: str | os.PathLike, *, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model and optimizer (resharded to this run's processes) in place; return the meta."""
     path = Path(path)
-    file = path / STATE_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (expected {file})")
-    return torch.load(file, map_location="cpu", weights_only=False)
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected {path / META_FILE})")
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path / SHARDS))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return load_meta(path)
+
+
+def load_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's meta (step, schedule, data position, RNG, history, config); our own file."""
+    return torch.load(Path(path) / META_FILE, map_location="cpu", weights_only=False)
+
+
+def _barrier(world: World) -> None:
+    if world.distributed:
+        torch.distributed.barrier()

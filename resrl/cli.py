@@ -67,12 +67,17 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from resrl.distributed import shutdown
     from resrl.trainer import Trainer
 
     cfg = _config(args)
-    summary = Trainer(cfg).fit()
-    _print_table(summary)
-    print(f"run directory: {Path(cfg.run.out_dir) / cfg.run.name}")
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    if trainer.world.is_main:
+        _print_table(summary)
+        print(f"run directory: {Path(cfg.run.out_dir) / cfg.run.name}")
+    # Under torchrun this leaves the process group and ends the process (see shutdown's docstring).
+    shutdown(trainer.world)
     return 0
 
 

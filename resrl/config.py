@@ -260,6 +260,8 @@ class TrainConfig:
     into one row with positions restarting per sequence (no padding tokens computed)."""
     max_tokens_per_micro_batch: int = 4096
     """With pack: prompt+response tokens per micro-batch (a longer sequence gets one of its own)."""
+    cpu_offload: bool = False
+    """Several processes (FSDP2): keep parameters, gradients and optimizer state on the CPU."""
 
     def validate(self) -> None:
         for name in (

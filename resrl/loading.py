@@ -14,12 +14,13 @@ from resrl.data import Example, encode_prompt, load_examples
 from resrl.tasks import arithmetic
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """run.device as a torch.device; "auto" and "cuda" mean this process's GPU under torchrun."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"config run.device: {name!r} asked for but CUDA is not available; use cpu or auto")
-    return torch.device(name)
+    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
 
 
 @dataclass
@@ -98,9 +99,10 @@ def _task_examples(problems: list[dict]) -> list[Example]:
     ]
 
 
-def load_model(cfg: Config, tokenizer, device: torch.device) -> nn.Module:
+def load_model(cfg: Config, tokenizer, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """The policy on `device` in `dtype` (default: model.dtype, where auto = bf16 on CUDA)."""
     m = cfg.model
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(m.dtype)
+    dtype = dtype or {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(m.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if m.path is None:

@@ -17,7 +17,7 @@ import kernels
 from resrl.algorithms import group_seed
 from resrl.batch import RolloutBatch, responses_of
 from resrl.config import AlgorithmConfig
-from resrl.model import forward_logprobs
+from resrl.distributed import SINGLE, World, common_count, idle_forward
 
 # A group's basis needs at least this many positive tokens (ALGORITHMS.md §4.3).
 MIN_POS_TOKENS = 4
@@ -64,7 +64,7 @@ def _in_order(batch: RolloutBatch, order: list[int], size: int, max_tokens: int)
 
 @torch.no_grad()
 def prepass(
-    model: nn.Module,
+    policy: nn.Module,
     batch: RolloutBatch,
     algo: AlgorithmConfig,
     *,
@@ -74,15 +74,16 @@ def prepass(
     max_tokens: int = 0,
     seed: int,
     need_old: bool,
-    ref_model: nn.Module | None = None,
+    ref_policy: nn.Module | None = None,
+    world: World = SINGLE,
 ) -> dict[str, float]:
-    """Fill batch.token_values with old_logprob (if need_old), ref_logprob (if ref_model) and
+    """Fill batch.token_values with old_logprob (if need_old), ref_logprob (if ref_policy) and
     resrl_weight (objective resrl). Micro-batches hold `micro_batch_size` padded sequences, or are
     packed up to `max_tokens` tokens when that is > 0. Returns metrics of the ResRL weights."""
     use_resrl = algo.objective == "resrl"
-    if not (need_old or ref_model is not None or use_resrl):
+    if not (need_old or ref_policy is not None or use_resrl):
         return {}
-    device = next(model.parameters()).device
+    device = next(policy.parameters()).device
     b = len(batch)
     positive = batch.positive.tolist()
     group = batch.group.tolist()
@@ -100,12 +101,14 @@ def prepass(
     bases_built = False
     # Positives first (stable), so the pools are complete before the first negative.
     order = [i for i in range(b) if positive[i]] + [i for i in range(b) if not positive[i]]
-    for idx in _in_order(batch, order, micro_batch_size, max_tokens):
+    chunks = _in_order(batch, order, micro_batch_size, max_tokens) if b else []
+    for _ in range(common_count(len(chunks), world, device) - len(chunks)):
+        idle_forward(policy, pad_id, device)
+    for idx in chunks:
         mb = batch.collate(idx, pad_id, device, packed=max_tokens > 0)
         wants_hidden = any(group[i] in mixed for i in idx)
         inputs = (mb["input_ids"], mb.get("attention_mask"))
-        out = forward_logprobs(
-            model,
+        out = policy(
             *inputs,
             position_ids=mb.get("position_ids"),
             temperature=temperature,
@@ -116,10 +119,8 @@ def prepass(
             lp_bT = responses_of(out["logprob"], mb).cpu()
             for row, i in enumerate(idx):
                 old[i] = lp_bT[row][resp_bT[row].cpu()]
-        if ref_model is not None:
-            ref_out = forward_logprobs(
-                ref_model, *inputs, position_ids=mb.get("position_ids"), temperature=temperature
-            )
+        if ref_policy is not None:
+            ref_out = ref_policy(*inputs, position_ids=mb.get("position_ids"), temperature=temperature)
             lp_bT = responses_of(ref_out["logprob"], mb).cpu()
             for row, i in enumerate(idx):
                 ref[i] = lp_bT[row][resp_bT[row].cpu()]
@@ -158,7 +159,7 @@ def prepass(
 
     if need_old:
         batch.token_values["old_logprob"] = old  # type: ignore[assignment]
-    if ref_model is not None:
+    if ref_policy is not None:
         batch.token_values["ref_logprob"] = ref  # type: ignore[assignment]
     if not use_resrl:
         return {}

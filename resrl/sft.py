@@ -14,7 +14,7 @@ from torch import nn
 from resrl.batch import pad_sequences
 from resrl.config import SFTConfig
 from resrl.data import Example
-from resrl.model import forward_logprobs
+from resrl.distributed import SINGLE, World
 
 
 def solution_ids(examples: list[Example], tokenizer) -> list[list[int]]:
@@ -32,7 +32,7 @@ def solution_ids(examples: list[Example], tokenizer) -> list[list[int]]:
 
 
 def warm_start(
-    model: nn.Module,
+    policy: nn.Module,
     prompt_ids: list[list[int]],
     target_ids: list[list[int]],
     cfg: SFTConfig,
@@ -40,13 +40,17 @@ def warm_start(
     pad_id: int,
     seed: int,
     progress: bool = False,
+    world: World = SINGLE,
 ) -> dict[str, float]:
-    """`cfg.steps` AdamW steps on random batches of (prompt, solution) pairs. Returns loss metrics."""
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
+    """`cfg.steps` AdamW steps on random batches of (prompt, solution) pairs (each rank takes its
+    share of every batch; FSDP averages the ranks' gradients). Returns loss metrics."""
+    if cfg.batch_size < world.size:
+        raise ValueError(f"sft.batch_size={cfg.batch_size} is smaller than the {world.size} processes")
+    device = next(policy.parameters()).device
+    params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    model.train()
+    policy.train()
     start = time.perf_counter()
     losses = []
     steps = range(cfg.steps)
@@ -55,12 +59,14 @@ def warm_start(
 
         steps = tqdm(steps, desc="warm start", leave=False)
     for _ in steps:
-        idx = torch.randint(len(prompt_ids), (cfg.batch_size,), generator=gen).tolist()
+        idx = torch.randint(len(prompt_ids), (cfg.batch_size,), generator=gen).tolist()[
+            world.rank :: world.size
+        ]
         ids_BL, mask_BL, resp_BT = pad_sequences(
             [prompt_ids[i] for i in idx], [target_ids[i] for i in idx], pad_id
         )
         ids_BL, mask_BL, resp_BT = ids_BL.to(device), mask_BL.to(device), resp_BT.to(device)
-        logprob_BT = forward_logprobs(model, ids_BL, mask_BL)["logprob"]
+        logprob_BT = policy(ids_BL, mask_BL)["logprob"]
         loss = -torch.where(resp_BT, logprob_BT, 0.0).sum() / resp_BT.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

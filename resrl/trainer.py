@@ -18,9 +18,18 @@ import torch
 from resrl import checkpoint
 from resrl.algorithms import group_advantages, group_seed, policy_loss, token_advantages
 from resrl.batch import RolloutBatch, responses_of
-from resrl.config import Config
+from resrl.config import Config, ConfigError
+from resrl.distributed import (
+    Policy,
+    all_gather_objects,
+    all_reduce_sum,
+    common_count,
+    full_parameters,
+    idle_forward,
+    init_world,
+    shard,
+)
 from resrl.loading import PromptSampler, load_model, load_task, resolve_device
-from resrl.model import forward_logprobs
 from resrl.prepass import prepass
 from resrl.rewards import get_reward, length_scaled_reward
 from resrl.rollout import SamplingParams, build_engine
@@ -39,16 +48,24 @@ def _seed(seed: int, stream: int, index: int = 0) -> int:
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.world = init_world(cfg.run.device)
+        self._check_world()
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(cfg.run.device)
+        self.device = resolve_device(cfg.run.device, self.world.local_rank)
         torch.manual_seed(cfg.run.seed)
         self.tokenizer, self.train_set, self.eval_set = load_task(cfg)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        self.model = load_model(cfg, self.tokenizer, self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        sharded = self.world.distributed
+        # Under FSDP2 on GPUs the sharded master weights stay fp32; compute runs in bf16.
+        mixed = sharded and self.device.type == "cuda" and cfg.model.dtype != "float32"
+        self.model = load_model(cfg, self.tokenizer, self.device, dtype=torch.float32 if mixed else None)
+        self.policy = Policy(self.model)
+        if sharded:
+            shard(self.policy, bf16=mixed, offload=cfg.train.cpu_offload)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
@@ -69,13 +86,29 @@ class Trainer:
         self.history: dict[str, Any] = {}
         resume_from = checkpoint.latest(self.run_dir) if cfg.run.resume else None
         if resume_from is not None:
-            self._load(checkpoint.load(resume_from))
-        self.tracker = Tracker(
-            self.run_dir,
-            tensorboard=cfg.run.tensorboard,
-            resume_step=self.step if resume_from is not None else None,
-        )
-        (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            self._load(resume_from)
+        self.tracker = None
+        if self.world.is_main:
+            self.tracker = Tracker(
+                self.run_dir,
+                tensorboard=cfg.run.tensorboard,
+                resume_step=self.step if resume_from is not None else None,
+            )
+            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    def _check_world(self) -> None:
+        cfg, w = self.cfg, self.world
+        if not w.distributed:
+            return
+        for key in ("prompts_per_step", "mini_batch_prompts"):
+            if getattr(cfg.train, key) % w.size:
+                raise ConfigError(
+                    f"config train.{key}={getattr(cfg.train, key)} must be a multiple of the {w.size} processes"
+                )
+        if cfg.algorithm.kl_coef > 0:
+            raise ConfigError(
+                "config algorithm.kl_coef > 0 is not supported with several processes yet; use 0"
+            )
 
     # ------------------------------------------------------------------ the loop
 
@@ -90,7 +123,7 @@ class Trainer:
         start = time.perf_counter()
         steps = range(self.step, cfg.train.steps)
         bar = None
-        if cfg.run.progress:
+        if cfg.run.progress and self.world.is_main:
             from tqdm import tqdm
 
             bar = tqdm(steps, desc=f"{cfg.algorithm.objective}", initial=self.step, total=cfg.train.steps)
@@ -100,7 +133,8 @@ class Trainer:
             self.step = step + 1
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                 metrics.update({f"eval/{k}": v for k, v in self.evaluate(f"step{self.step}").items()})
-            self.tracker.log(self.step, metrics)
+            if self.tracker is not None:
+                self.tracker.log(self.step, metrics)
             if bar is not None:
                 bar.set_postfix(
                     reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}"
@@ -114,7 +148,8 @@ class Trainer:
         self.export(self.run_dir / "final")
         self.history["eval_after"] = self.evaluate("after")
         summary = self.write_summary()
-        self.tracker.close()
+        if self.tracker is not None:
+            self.tracker.close()
         return summary
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -122,14 +157,15 @@ class Trainer:
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
-        slots = self.sampler.next()
+        # Every rank draws the same prompts and keeps its share: whole groups stay on one rank.
+        slots = self.sampler.next()[self.world.rank :: self.world.size]
         batch, metrics = self.rollout(slots, step)
         t1 = time.perf_counter()
         seq_adv = group_advantages(batch.rewards, batch.group, cfg.algorithm.advantage, batch.positive)
         n_updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts * cfg.train.epochs_per_batch
         metrics.update(
             prepass(
-                self.model,
+                self.policy,
                 batch,
                 cfg.algorithm,
                 temperature=cfg.rollout.temperature,
@@ -138,7 +174,8 @@ class Trainer:
                 max_tokens=cfg.train.max_tokens_per_micro_batch if cfg.train.pack else 0,
                 seed=_seed(cfg.run.seed, _RESRL, step),
                 need_old=n_updates > 1,
-                ref_model=self.ref_model,
+                ref_policy=self.ref_model,
+                world=self.world,
             )
         )
         t2 = time.perf_counter()
@@ -159,7 +196,14 @@ class Trainer:
         metrics.update(timings)
         metrics["time/step_s"] = t4 - t0
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
-        return metrics
+        return self._mean_over_ranks(metrics)
+
+    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        if not self.world.distributed:
+            return metrics
+        gathered = all_gather_objects(metrics, self.world)
+        keys = sorted({k for m in gathered for k in m})
+        return {k: sum(m[k] for m in gathered if k in m) / sum(1 for m in gathered if k in m) for k in keys}
 
     # ------------------------------------------------------------------ phases
 
@@ -173,7 +217,8 @@ class Trainer:
             max_new_tokens=cfg.rollout.max_new_tokens,
             seed=_seed(cfg.run.seed, _ROLLOUT, step),
         )
-        samples = self.engine.generate([self.train_set.prompt_ids[i] for i in slots], params)
+        with full_parameters(self.policy):
+            samples = self.engine.generate([self.train_set.prompt_ids[i] for i in slots], params)
         rewards, positive = [], []
         for slot, group in zip(slots, samples, strict=True):
             answer = self.train_set.examples[slot].answer
@@ -191,7 +236,7 @@ class Trainer:
                         scale=algo.length_scale,
                     )
                 rewards.append(r)
-        group_ids = [step * cfg.train.prompts_per_step + j for j in range(len(slots))]
+        group_ids = [step * cfg.train.prompts_per_step + slot for slot in slots]
         batch = RolloutBatch.from_samples(samples, rewards, positive, group_ids)
         lengths = batch.response_lengths().float()
         acc_G = batch.positive.float().view(len(slots), -1).mean(1)
@@ -210,7 +255,7 @@ class Trainer:
         cfg = self.cfg
         g = cfg.rollout.n
         n_prompts = len(batch) // g
-        mbp = cfg.train.mini_batch_prompts
+        mbp = cfg.train.mini_batch_prompts // self.world.size
         totals: dict[str, float] = {}
         n_steps = 0
         for epoch in range(cfg.train.epochs_per_batch):
@@ -245,20 +290,25 @@ class Trainer:
             kept = [i for i in idx if not pos[i]]
         else:
             kept = idx
-        token_count = int(lengths[kept].sum()) if kept else 0
+        # The divisors are global (all ranks): micro-batching and data parallelism never change the
+        # gradient. FSDP averages gradients over ranks, hence the factor world.size on the loss.
+        local = [float(lengths[kept].sum()) if kept else 0.0, float(sum(1 for i in kept if lengths[i] > 0))]
+        token_count, seq_count = all_reduce_sum(local, self.world, self.device)
         if token_count == 0:
             return {"optim/skipped_empty": 1.0}
-        seq_count = sum(1 for i in kept if lengths[i] > 0)
-        self.model.train()
+        scale = float(self.world.size)
+        self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         gap_sum = gap_n = 0.0
         packed = cfg.train.pack
         budget = cfg.train.max_tokens_per_micro_batch if packed else 0
-        for mb in batch.micro_batches(idx, cfg.train.micro_batch_size, budget):
+        chunks = batch.micro_batches(idx, cfg.train.micro_batch_size, budget)
+        for _ in range(common_count(len(chunks), self.world, self.device) - len(chunks)):
+            (0.0 * idle_forward(self.policy, self.pad_id, self.device)["logprob"].sum()).backward()
+        for mb in chunks:
             t = batch.collate(mb, self.pad_id, self.device, packed=packed)
-            out = forward_logprobs(
-                self.model,
+            out = self.policy(
                 t["input_ids"],
                 t.get("attention_mask"),
                 position_ids=t.get("position_ids"),
@@ -293,14 +343,14 @@ class Trainer:
                 entropy=responses_of(out["entropy"], t),
                 entropy_coef=algo.entropy_coef,
             )
-            loss.backward()
+            (loss * scale).backward()
             if first:
                 with torch.no_grad():
                     gap = (logprob_bT - t["sample_logprob"]).abs()
                     gap_sum += float(torch.where(t["resp_mask"], gap, 0.0).sum())
                     gap_n += float(t["resp_mask"].sum())
             w = m.pop("valid_tokens")
-            sums["loss/pg"] = sums.get("loss/pg", 0.0) + m.pop("pg_loss")
+            sums["loss/pg"] = sums.get("loss/pg", 0.0) + m.pop("pg_loss") * scale
             for key in ("ratio_max", "ratio_min"):
                 value = m.pop(key)
                 if w:
@@ -311,9 +361,10 @@ class Trainer:
             for key, value in m.items():
                 sums[f"loss/{key}"] = sums.get(f"loss/{key}", 0.0) + value * w
             sums["_w"] = sums.get("_w", 0.0) + w
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not math.isfinite(grad_norm):
             raise FloatingPointError(
                 f"step {self.step}: the gradient norm is {grad_norm}; lower optim.lr or check the data"
@@ -336,13 +387,14 @@ class Trainer:
             return {}
         targets = solution_ids(self.train_set.examples, self.tokenizer)
         metrics = warm_start(
-            self.model,
+            self.policy,
             self.train_set.prompt_ids,
             targets,
             self.cfg.sft,
             pad_id=self.pad_id,
             seed=_seed(self.cfg.run.seed, _SFT),
-            progress=self.cfg.run.progress,
+            progress=self.cfg.run.progress and self.world.is_main,
+            world=self.world,
         )
         self.engine.sync_weights(self.model)
         return metrics
@@ -354,23 +406,30 @@ class Trainer:
         examples = self.eval_set.examples
         if cfg.eval.max_problems:
             examples = examples[: cfg.eval.max_problems]
-        result = evaluate(
-            self.engine,
-            examples,
-            self.tokenizer,
-            n=cfg.eval.n,
-            temperature=cfg.eval.temperature,
-            top_p=cfg.eval.top_p,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            seed=_seed(cfg.run.seed, _EVAL),
-            reward=cfg.algorithm.reward,
-            progress=cfg.run.progress,
-        )
-        result.write(self.run_dir / "eval", name=tag)
-        return result.summary
+        summary = None
+        # Rank 0 samples everything while the others hold their full parameters too (unsharding
+        # is collective); then every rank gets the summary.
+        with full_parameters(self.policy):
+            if self.world.is_main:
+                result = evaluate(
+                    self.engine,
+                    examples,
+                    self.tokenizer,
+                    n=cfg.eval.n,
+                    temperature=cfg.eval.temperature,
+                    top_p=cfg.eval.top_p,
+                    max_new_tokens=cfg.rollout.max_new_tokens,
+                    seed=_seed(cfg.run.seed, _EVAL),
+                    reward=cfg.algorithm.reward,
+                    progress=cfg.run.progress,
+                )
+                result.write(self.run_dir / "eval", name=tag)
+                summary = result.summary
+        return all_gather_objects(summary, self.world)[0]
 
     def _reference_model(self) -> torch.nn.Module:
-        """A frozen copy of the policy as it starts RL (after any warm start), for the KL term."""
+        """A frozen copy of the policy as it starts RL (after any warm start), for the KL term
+        (one process only: `_check_world` refuses kl_coef > 0 with several)."""
         state = self.history.get("ref_state")
         ref = copy.deepcopy(self.model)
         if state is not None:
@@ -380,24 +439,30 @@ class Trainer:
                 k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
             }
         ref.requires_grad_(False).eval()
-        return ref
+        return Policy(ref)
 
     def save(self) -> Path:
-        state = {
+        meta = {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": checkpoint.rng_state(),
             "history": self.history,
             "config": self.cfg.to_dict(),
+            "world_size": self.world.size,
         }
-        return checkpoint.save(self.run_dir, self.step, state, keep=self.cfg.run.keep_checkpoints)
+        return checkpoint.save(
+            self.run_dir,
+            self.step,
+            module=self.policy,
+            optimizer=self.optimizer,
+            meta=meta,
+            keep=self.cfg.run.keep_checkpoints,
+            world=self.world,
+        )
 
-    def _load(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _load(self, path: Path) -> None:
+        state = checkpoint.load(path, module=self.policy, optimizer=self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
@@ -406,9 +471,23 @@ class Trainer:
         self.engine.sync_weights(self.model)
 
     def export(self, path: Path) -> None:
-        """A Hugging Face folder (safetensors, config, tokenizer) that transformers and vLLM load."""
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        """A Hugging Face folder (safetensors, config, tokenizer) that transformers and vLLM load;
+        under FSDP2 the full weights are gathered to rank 0 first."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self.world.distributed:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full = get_model_state_dict(self.policy, options=options)
+            state = {k.removeprefix("model."): v for k, v in full.items()}
+            if getattr(self.model.config, "tie_word_embeddings", False):
+                # Tied: the LM head is the embedding; save_pretrained stores it once.
+                state.pop("lm_head.weight", None)
+            if self.world.is_main:
+                self.model.save_pretrained(path, state_dict=state, safe_serialization=True)
+        else:
+            self.model.save_pretrained(path, safe_serialization=True)
+        if self.world.is_main:
+            self.tokenizer.save_pretrained(path)
 
     def write_summary(self) -> dict[str, Any]:
         h = self.history
@@ -423,5 +502,6 @@ class Trainer:
             "eval_after": h.get("eval_after"),
             "device": str(self.device),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.world.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary

@@ -140,7 +140,7 @@ def test_prepass_packed_equals_padded(tmp_path):
     for max_tokens in (0, 40):
         batch = random_batch(n=8, seed=2)
         prepass(
-            trainer.model,
+            trainer.policy,
             batch,
             cfg.algorithm,
             temperature=1.0,
@@ -173,7 +173,7 @@ def test_packed_training_gives_the_padded_gradient(tmp_path):
         batch = random_batch(n=8, seed=4)
         batch.group = torch.tensor([i // 4 for i in range(8)])
         prepass(
-            trainer.model,
+            trainer.policy,
             batch,
             cfg.algorithm,
             temperature=1.0,

@@ -105,7 +105,7 @@ def test_prepass_weights_equal_the_reference(tmp_path, layer):
     trainer = Trainer(cfg)
     batch = _batch_with_mixed_groups(trainer)
     metrics = prepass(
-        trainer.model,
+        trainer.policy,
         batch,
         cfg.algorithm,
         temperature=1.0,
@@ -161,7 +161,7 @@ def test_gradient_does_not_depend_on_micro_batching(tmp_path, agg):
         trainer = Trainer(cfg)
         batch = _batch_with_mixed_groups(trainer, n_prompts=2)
         prepass(
-            trainer.model,
+            trainer.policy,
             batch,
             cfg.algorithm,
             temperature=1.0,
@@ -212,27 +212,41 @@ def test_resume_gives_the_same_next_step(tmp_path):
         break
 
 
-def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["shards", "rename"])
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
     trainer = Trainer(small_cfg(tmp_path, "train.steps=1", "eval.before=false"))
     trainer.step = 1
     first = trainer.save()
-    real_save = torch.save
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
-    def crash(obj, f, *args, **kwargs):
-        f.write(b"partial")
+    def crash_in_shards(state, checkpoint_id):
+        (checkpoint.Path(checkpoint_id)).mkdir(parents=True)
+        (checkpoint.Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)
+    def crash_at_rename(src, dst):
+        raise OSError("power cut")
+
+    if where == "shards":
+        monkeypatch.setattr(checkpoint.dcp, "save", crash_in_shards)
+    else:
+        monkeypatch.setattr(checkpoint.os, "replace", crash_at_rename)
     trainer.step = 2
-    with pytest.raises(OSError, match="disk full"):
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)
+    with pytest.raises(OSError, match="disk full|power cut"):
         trainer.save()
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     run = tmp_path / "run"
     assert checkpoint.latest(run) == first
-    assert checkpoint.load(first)["step"] == 1
+    # The previous checkpoint still loads, with the weights it had.
+    resumed = Trainer(small_cfg(tmp_path, "train.steps=1", "eval.before=false"))
+    assert resumed.step == 1
+    for name, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, before[name])
     # The next save cleans the leftover and moves the pointer.
     trainer.step = 3
-    assert checkpoint.latest(run) == first
     third = trainer.save()
     assert checkpoint.latest(run) == third
     assert not list((run / "checkpoints").glob(".*tmp"))

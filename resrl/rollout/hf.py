@@ -201,6 +201,10 @@ class HFEngine:
                     attention_mask=mask_BP.to(device),
                     generation_config=config,
                     logits_processor=LogitsProcessorList([recorder]),
+                    # transformers turns this on for FSDP-managed models, adding one collective per
+                    # decoding step; the trainer unshards everything around generation instead
+                    # (resrl.distributed.full_parameters), so ranks decode independently.
+                    synced_gpus=False,
                 )
         finally:
             model.generation_config = own_config

@@ -1,0 +1,154 @@
+"""Data parallelism with FSDP2 across processes started by torchrun (NCCL on GPUs, gloo on CPU).
+
+`fully_shard` wraps every decoder block and then the `Policy` root, whose forward is the trainer's
+whole forward (trunk + fused LM head): the root's parameters (embeddings, final norm, LM head,
+tied or not) are unsharded for the duration of that forward, so `linear_logprob` sees the full
+LM-head weight and its gradient reaches the shard through autograd. Every rank holds complete
+prompt groups (a rank's prompts with all their responses), so ResRL weights are computed per rank
+without communication; only counts, metrics and gradients are reduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+SINGLE = World()
+
+
+def init_world(device_name: str) -> World:
+    """The process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or one process."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return World(rank, size, local_rank)
+
+
+def shutdown(world: World) -> None:
+    """Leave the process group. torch 2.13 + gloo can abort at interpreter exit after a backward
+    ("terminate called without an active exception"), so a distributed worker ends with
+    os._exit(0) once everything is flushed (ARCHITECTURE.md, seen on this project's machines)."""
+    if not world.distributed or not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+class Policy(nn.Module):
+    """The trainer-owned forward (`resrl.model.forward_logprobs`) as a module: the FSDP2 root."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        from resrl.model import forward_logprobs
+
+        return forward_logprobs(self.model, input_ids, attention_mask, **kwargs)
+
+
+def shard(policy: Policy, *, bf16: bool, offload: bool) -> Policy:
+    """FSDP2: `fully_shard` per decoder block, then the root. bf16 compute with fp32 gradient
+    reduction when `bf16`; parameters and optimizer state on CPU when `offload`."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    # The root returns views (logprob reshaped to [B, L-1]); nothing modifies them in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for layer in policy.model.model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(policy, **kwargs)
+    return policy
+
+
+def _fsdp_modules(module: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def full_parameters(policy: nn.Module) -> Iterator[None]:
+    """Every parameter unsharded for generation or export, and kept so: ranks generate different
+    numbers of tokens, so no collective may run per decoding step. A no-op without FSDP."""
+    modules = _fsdp_modules(policy)
+    if not modules:
+        yield
+        return
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def all_reduce_sum(values: list[float], world: World, device: torch.device) -> list[float]:
+    if not world.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_objects(obj, world: World) -> list:
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def common_count(n: int, world: World, device: torch.device) -> int:
+    """The largest `n` over ranks: every rank runs that many forwards so FSDP's collectives pair up."""
+    if not world.distributed:
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def idle_forward(policy: nn.Module, pad_id: int, device: torch.device) -> dict:
+    """A forward on two padding tokens: the turn of a rank that has run out of micro-batches."""
+    ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
+    return policy(ids, torch.ones_like(ids), return_entropy=True)

@@ -1,0 +1,119 @@
+"""Worker for tests/test_distributed.py, run under torchrun (or alone as one process).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT [--resume CKPT] [overrides]
+
+Builds the trainer on a very small model, applies one update (pre-pass + optimizer step) to a fixed
+rollout batch of 4 prompt groups (each rank takes its groups, as the trainer does), saves a
+checkpoint and exports the full weights. With --resume, it first restores the given checkpoint
+(written at any process count) and then does the same. Rank 0 writes OUT/result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from resrl import checkpoint  # noqa: E402
+from resrl.batch import RolloutBatch  # noqa: E402
+from resrl.config import resolve  # noqa: E402
+from resrl.distributed import shutdown  # noqa: E402
+from resrl.prepass import prepass  # noqa: E402
+from resrl.trainer import Trainer  # noqa: E402
+
+SMALL = [
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.intermediate_size=128",
+    "data.task_train_size=64",
+    "data.task_eval_size=4",
+    "rollout.n=4",
+    "train.prompts_per_step=4",
+    "train.mini_batch_prompts=4",
+    "train.micro_batch_size=3",
+    "optim.lr=1e-2",
+    "optim.warmup_steps=0",
+    "run.tensorboard=false",
+    "run.progress=false",
+    "run.device=cpu",
+]
+
+
+def fixed_batch(trainer: Trainer, slots: list[int]) -> RolloutBatch:
+    """Deterministic responses for prompt slots 0..3; half of each group positive."""
+    prompts, responses, positive, groups, logprobs = [], [], [], [], []
+    for slot in slots:
+        gen = torch.Generator().manual_seed(1000 + slot)
+        for j in range(4):
+            n = int(torch.randint(3, 10, (1,), generator=gen))
+            prompts.append(trainer.train_set.prompt_ids[slot])
+            responses.append(torch.randint(4, 40, (n,), generator=gen).tolist())
+            positive.append(j % 2 == 0)
+            groups.append(slot)
+            logprobs.append(torch.zeros(n))
+    return RolloutBatch(
+        prompt_ids=prompts,
+        response_ids=responses,
+        sample_logprob=logprobs,
+        rewards=torch.tensor([1.0 if p else -1.0 for p in positive]),
+        positive=torch.tensor(positive),
+        truncated=torch.zeros(len(prompts), dtype=torch.bool),
+        group=torch.tensor(groups),
+    )
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    args = sys.argv[2:]
+    resume = None
+    if args[:1] == ["--resume"]:
+        resume, args = Path(args[1]), args[2:]
+    cfg = resolve("tiny", overrides=[*SMALL, f"run.out_dir={out}", "run.name=run", "run.resume=false", *args])
+    trainer = Trainer(cfg)
+    world = trainer.world
+    if resume is not None:
+        trainer._load(resume)
+    slots = list(range(4))[world.rank :: world.size]
+    batch = fixed_batch(trainer, slots)
+    seq_adv = batch.rewards.clone()
+    prepass(
+        trainer.policy,
+        batch,
+        cfg.algorithm,
+        temperature=1.0,
+        micro_batch_size=cfg.train.micro_batch_size,
+        pad_id=trainer.pad_id,
+        seed=0,
+        need_old=False,
+        world=world,
+    )
+    grads = {}
+    step = trainer.optimizer.step
+
+    def record_then_step():
+        # full_tensor() gathers a DTensor shard (collective: every rank calls it).
+        for name, p in trainer.policy.named_parameters():
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            grads[name] = g.detach().clone()
+        step()
+
+    trainer.optimizer.step = record_then_step
+    metrics = trainer._mean_over_ranks(trainer.update(batch, seq_adv, step=0))
+    trainer.step = 1 if resume is None else 2
+    saved = trainer.save()
+    trainer.export(out / "exported")
+    if world.is_main:
+        torch.save(grads, out / "grads.pt")
+        (out / "result.json").write_text(json.dumps({"metrics": metrics, "checkpoint": str(saved)}))
+        checkpoint.latest(out / "run")
+    shutdown(world)
+
+
+if __name__ == "__main__":
+    main()
