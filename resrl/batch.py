@@ -59,19 +59,26 @@ class RolloutBatch:
         prompt+response tokens stay within `max_tokens`; a sequence longer than the budget gets a
         micro-batch of its own.
         """
-        lengths = {i: len(self.prompt_ids[i]) + len(self.response_ids[i]) for i in indices}
-        order = sorted(indices, key=lambda i: -lengths[i])
+        order = sorted(indices, key=lambda i: -self.length(i))
+        return self.chunks(order, size, max_tokens)
+
+    def length(self, i: int) -> int:
+        return len(self.prompt_ids[i]) + len(self.response_ids[i])
+
+    def chunks(self, order: list[int], size: int, max_tokens: int = 0) -> list[list[int]]:
+        """`order` cut, without reordering, into chunks of `size` sequences, or (`max_tokens` > 0)
+        into chunks of at most `max_tokens` tokens (a longer sequence is a chunk of its own)."""
         if not max_tokens:
             return [order[s : s + size] for s in range(0, len(order), size)]
-        chunks: list[list[int]] = []
+        out: list[list[int]] = []
         used = 0
         for i in order:
-            if not chunks or used + lengths[i] > max_tokens:
-                chunks.append([])
+            if not out or used + self.length(i) > max_tokens:
+                out.append([])
                 used = 0
-            chunks[-1].append(i)
-            used += lengths[i]
-        return chunks
+            out[-1].append(i)
+            used += self.length(i)
+        return out
 
     def collate(
         self, idx: list[int], pad_id: int, device: torch.device, *, packed: bool = False

@@ -46,22 +46,6 @@ def _bases(pools: dict[int, list[torch.Tensor]], algo: AlgorithmConfig, seed: in
     return basis_GDK, torch.stack(means), row_of
 
 
-def _in_order(batch: RolloutBatch, order: list[int], size: int, max_tokens: int) -> list[list[int]]:
-    """`order` cut into micro-batches without reordering (positives must stay first)."""
-    if not max_tokens:
-        return [order[s : s + size] for s in range(0, len(order), size)]
-    chunks: list[list[int]] = []
-    used = 0
-    for i in order:
-        n = len(batch.prompt_ids[i]) + len(batch.response_ids[i])
-        if not chunks or used + n > max_tokens:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(i)
-        used += n
-    return chunks
-
-
 @torch.no_grad()
 def prepass(
     policy: nn.Module,
@@ -101,7 +85,8 @@ def prepass(
     bases_built = False
     # Positives first (stable), so the pools are complete before the first negative.
     order = [i for i in range(b) if positive[i]] + [i for i in range(b) if not positive[i]]
-    chunks = _in_order(batch, order, micro_batch_size, max_tokens) if b else []
+    # Cut without reordering: the positives must stay first.
+    chunks = batch.chunks(order, micro_batch_size, max_tokens)
     for _ in range(common_count(len(chunks), world, device) - len(chunks)):
         idle_forward(policy, pad_id, device)
     for idx in chunks:

@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from small import SMALL_RUN  # noqa: E402
 
 from resrl import checkpoint  # noqa: E402
 from resrl.batch import RolloutBatch  # noqa: E402
@@ -26,21 +29,11 @@ from resrl.prepass import prepass  # noqa: E402
 from resrl.trainer import Trainer  # noqa: E402
 
 SMALL = [
-    "model.hidden_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.intermediate_size=128",
-    "data.task_train_size=64",
+    *SMALL_RUN,
     "data.task_eval_size=4",
-    "rollout.n=4",
-    "train.prompts_per_step=4",
-    "train.mini_batch_prompts=4",
     "train.micro_batch_size=3",
     "optim.lr=1e-2",
     "optim.warmup_steps=0",
-    "run.tensorboard=false",
-    "run.progress=false",
     "run.device=cpu",
 ]
 

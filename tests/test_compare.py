@@ -3,30 +3,13 @@
 import json
 
 import pytest
+from small import SMALL_RUN
 
 from resrl.cli import main
 from resrl.compare import run_comparison
 from resrl.tasks import write_dataset
 
-SMALL = [
-    "model.hidden_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.intermediate_size=128",
-    "data.task_train_size=64",
-    "data.task_eval_size=6",
-    "rollout.n=4",
-    "rollout.max_new_tokens=24",
-    "train.steps=2",
-    "train.prompts_per_step=4",
-    "train.mini_batch_prompts=4",
-    "sft.steps=3",
-    "sft.batch_size=8",
-    "eval.n=4",
-    "run.progress=false",
-    "run.tensorboard=false",
-]
+SMALL = [*SMALL_RUN, "eval.n=4"]
 
 
 def test_comparison_shares_the_warm_start_and_writes_table_and_plot(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from small import SMALL_RUN
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -109,24 +110,13 @@ def test_resrl_train_under_torchrun(tmp_path):
         "train",
         "--preset",
         "tiny",
-        "model.hidden_size=64",
-        "model.num_layers=2",
-        "model.num_heads=2",
-        "model.num_kv_heads=1",
-        "model.intermediate_size=128",
-        "data.task_train_size=64",
+        *SMALL_RUN,
         "data.task_eval_size=4",
-        "rollout.n=4",
         "rollout.max_new_tokens=16",
-        "train.steps=2",
-        "train.prompts_per_step=4",
         "train.mini_batch_prompts=2",
         "train.micro_batch_size=4",
         "sft.steps=2",
         "sft.batch_size=4",
-        "eval.n=2",
-        "run.tensorboard=false",
-        "run.progress=false",
         "run.device=cpu",
         f"run.out_dir={tmp_path}",
         "run.name=tr",

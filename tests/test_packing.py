@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from small import SMALL_RUN
 
 from resrl.batch import RolloutBatch, pack_sequences, responses_of
 from resrl.config import resolve
@@ -10,26 +11,12 @@ from resrl.prepass import prepass
 from resrl.trainer import Trainer
 
 SMALL = [
-    "model.hidden_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.intermediate_size=128",
-    "data.task_train_size=64",
+    *SMALL_RUN,
     "data.task_eval_size=4",
-    "rollout.n=4",
-    "rollout.max_new_tokens=24",
     "train.steps=1",
-    "train.prompts_per_step=4",
-    "train.mini_batch_prompts=4",
     "train.micro_batch_size=3",
-    "sft.steps=2",
-    "sft.batch_size=8",
-    "eval.n=2",
     "eval.max_problems=2",
     "eval.before=false",
-    "run.tensorboard=false",
-    "run.progress=false",
 ]
 
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from small import SMALL_RUN
 from transformers import AutoModelForCausalLM
 
 from resrl import checkpoint
@@ -17,26 +18,10 @@ from resrl.tracker import read_metrics
 from resrl.trainer import Trainer
 
 SMALL = [
-    "model.hidden_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.intermediate_size=128",
+    *SMALL_RUN,
     "model.max_position_embeddings=96",
-    "data.task_train_size=64",
-    "data.task_eval_size=6",
-    "rollout.n=4",
-    "rollout.max_new_tokens=24",
-    "train.steps=2",
-    "train.prompts_per_step=4",
-    "train.mini_batch_prompts=4",
     "train.micro_batch_size=8",
-    "sft.steps=3",
-    "sft.batch_size=8",
-    "eval.n=2",
     "eval.max_problems=4",
-    "run.tensorboard=false",
-    "run.progress=false",
     "run.name=run",
 ]
 
