@@ -169,6 +169,9 @@ class AlgorithmConfig:
     """KL estimator: k1, k2 or k3."""
     entropy_coef: float = 0.0
     """Coefficient of the entropy bonus."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling against the rollout engine's log-prob gap: each token's
+    advantage is multiplied by min(pi_trainer / pi_engine, tis_cap); 0 turns it off."""
     subspace_layer: str = "penultimate"
     """ResRL: hidden states spanning the subspace: penultimate (input of the last decoder layer)
     or final (the normed state that feeds the LM head)."""
@@ -201,7 +204,7 @@ class AlgorithmConfig:
             )
         if self.dual_clip is not None and not self.dual_clip > 1:
             _fail("algorithm.dual_clip", f"must be > 1 or null, got {self.dual_clip}")
-        for name in ("kl_coef", "entropy_coef", "pos_scale", "w_lambda"):
+        for name in ("kl_coef", "entropy_coef", "pos_scale", "w_lambda", "tis_cap"):
             _at_least(f"algorithm.{name}", getattr(self, name), 0.0)
         if not 0 <= self.q_low < self.q_high <= 1:
             _fail("algorithm.q_low/q_high", f"need 0 <= q_low < q_high <= 1, got {self.q_low}, {self.q_high}")

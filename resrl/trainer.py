@@ -325,6 +325,9 @@ class Trainer:
                 pos_scale=algo.pos_scale,
                 w_lambda=algo.w_lambda,
             )
+            if algo.tis_cap > 0:
+                adv_BT, tis_mean = self._truncated_is(adv_BT, mask_BT, logprob_bT, t)
+                sums["rollout/tis_weight_mean"] = sums.get("rollout/tis_weight_mean", 0.0) + tis_mean
             loss, m = policy_loss(
                 logprob_bT,
                 t.get("old_logprob"),
@@ -379,6 +382,18 @@ class Trainer:
         if first and gap_n:
             out["rollout/logprob_gap"] = gap_sum / gap_n
         return out
+
+    def _truncated_is(self, adv_BT, mask_BT, logprob_bT, t) -> tuple[torch.Tensor, float]:
+        """Truncated importance sampling for the gap between the engine that sampled the tokens
+        and the trainer: each token's advantage times min(pi_old / pi_engine, cap), detached, with
+        pi_old the trainer's log-prob before this step's updates. Returns (advantage, weighted sum
+        of the weights over valid tokens, for the mean metric)."""
+        old_bT = t.get("old_logprob")
+        if old_bT is None:
+            old_bT = logprob_bT.detach()
+        log_w = (old_bT - t["sample_logprob"]).clamp(max=20.0)
+        w_bT = torch.where(mask_BT, log_w.exp().clamp(max=self.cfg.algorithm.tis_cap), 0.0)
+        return adv_BT * w_bT, float(w_bT.sum())
 
     # ------------------------------------------------------------------ around the loop
 

@@ -271,3 +271,29 @@ def test_bad_setups_fail_clearly(tmp_path):
     )
     with pytest.raises(ValueError, match="needs a 'solution' for every training row"):
         Trainer(cfg).fit()
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize("cap, factor", [(2.0, 1.5), (1.2, 1.2)])
+def test_truncated_importance_sampling_scales_the_gradient(tmp_path, cap, factor):
+    grads = []
+    for tis in (0.0, cap):
+        trainer = Trainer(
+            small_cfg(tmp_path, f"run.name=tis{tis}", f"algorithm.tis_cap={tis}", "optim.grad_clip=0")
+        )
+        batch = _batch_with_mixed_groups(trainer, n_prompts=2)
+        prepass(
+            trainer.policy,
+            batch,
+            trainer.cfg.algorithm,
+            temperature=1.0,
+            micro_batch_size=8,
+            pad_id=0,
+            seed=0,
+            need_old=True,
+        )
+        # The engine gave every token 1/1.5 of the trainer's probability: weight 1.5, capped.
+        batch.sample_logprob = [lp - torch.log(torch.tensor(1.5)) for lp in batch.token_values["old_logprob"]]
+        grads.append(_grads_of_one_update(trainer, batch))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], factor * grads[0][name], atol=1e-6, rtol=1e-4)

