@@ -62,16 +62,26 @@ def subspace_basis_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-SVD basis of the centered, LayerNormed positive pool: (basis [D, k], mean [D]).
 
-    k = min(rank, M' - 1, D) where M' is the pool size after subsampling.
+    k = min(rank, M' - 1, D, numerical rank) where M' is the pool size after subsampling.
     """
     pool = layer_norm_no_affine(pos_hidden)
     idx = subsample_indices(pool.shape[0], max_tokens, generator)
     if idx is not None:
         pool = pool[idx.to(pool.device)]
     mean_D = pool.mean(0)
-    k = min(rank, pool.shape[0] - 1, pool.shape[1])
-    _, _, vh = torch.linalg.svd(pool - mean_D, full_matrices=False)
+    m, d = pool.shape
+    _, s, vh = torch.linalg.svd(pool - mean_D, full_matrices=False)
+    k = min(rank, m - 1, d, numerical_rank(s, m, d))
     return vh[:k].T.contiguous(), mean_D
+
+
+def numerical_rank(singular_values: torch.Tensor, m: int, d: int) -> int:
+    """Singular values above s_max * max(m, d) * eps(fp32) (torch.linalg.matrix_rank's default
+    tolerance, at fp32 rounding whatever the dtype: the kernels compute in fp32)."""
+    if singular_values.numel() == 0:
+        return 0
+    tol = float(singular_values.max()) * max(m, d) * torch.finfo(torch.float32).eps
+    return int((singular_values > tol).sum())
 
 
 def subspace_residual_reference(

@@ -31,7 +31,7 @@ from kernels._dispatch import (
     select_impl,
     value_checks_enabled,
 )
-from kernels.reference import LN_EPS, subsample_indices
+from kernels.reference import LN_EPS, numerical_rank, subsample_indices
 
 # Extra columns of the randomized range finder beyond k (Halko et al. 2011 use 5-10).
 OVERSAMPLE = 10
@@ -67,7 +67,8 @@ def subspace_basis(
 
     Args:
         pos_hidden: [M, D] fp32/bf16/fp16 hidden states of valid tokens of positive responses.
-        rank: wanted k; the returned k = min(rank, M' - 1, D) where M' = min(M, max_tokens).
+        rank: wanted k; the returned k = min(rank, M' - 1, D, numerical rank of the centered pool)
+            where M' = min(M, max_tokens).
         max_tokens: pool cap; above it a uniform subset is drawn with `generator` using
             `kernels.reference.subsample_indices`, so the pool equals the reference's pool for the
             same generator state.
@@ -78,6 +79,13 @@ def subspace_basis(
     Returns:
         basis [D, k] fp32 with orthonormal columns (top right singular vectors of P - mu, in
         descending singular-value order; signs arbitrary) and mean mu [D] fp32.
+
+    Departure from ALGORITHMS.md §4.4 (k = min(64, M - 1, D)): directions whose singular value is
+    zero up to rounding are dropped (`numerical_rank`). They are not part of the positives' span;
+    keeping them made distances depend on rounding (the G responses of a prompt share the hidden
+    state that predicts their first token, so duplicate rows are the rule, and a pool of M' <= 65
+    tokens then has rank < M' - 1). Seen before the fix: ResRL weights moved by up to 4e-3 between
+    1 and 2 CPU threads.
 
     Departure from an exact SVD (allowed by §4.4): randomized PCA (Halko, Martinsson, Tropp) with
     k + 10 columns, capped at min(M', D); when the cap is reached the range finder spans the whole
@@ -120,7 +128,8 @@ def subspace_basis(
         q_DL = torch.linalg.qr(a_MD.T @ q_ML).Q
         q_ML = torch.linalg.qr(a_MD @ q_DL).Q
     b_LD = q_ML.T @ a_MD
-    _, _, vh_LD = torch.linalg.svd(b_LD, full_matrices=False)
+    _, s_L, vh_LD = torch.linalg.svd(b_LD, full_matrices=False)
+    k = min(k, numerical_rank(s_L, m_pool, d))
     return vh_LD[:k].T.contiguous(), mean_D
 
 

@@ -107,7 +107,9 @@ def test_basis_is_orthonormal(impl, dtype):
     ("m", "d", "rank", "max_tokens", "want_k"),
     [
         (5, 32, 64, 4096, 4),
-        (50, 8, 64, 4096, 8),
+        # LayerNormed rows are orthogonal to the all-ones vector: the span has at most D - 1 = 7
+        # directions (the 8th singular value is zero and is dropped as outside the span).
+        (50, 8, 64, 4096, 7),
         (30, 32, 3, 4096, 3),
         (100, 32, 64, 10, 9),
         (2, 16, 4, 4096, 1),
@@ -421,3 +423,26 @@ def test_unknown_impl_is_rejected(monkeypatch):
     monkeypatch.setenv("RESRL_KERNEL_IMPL", "cuda-magic")
     with pytest.raises(ValueError, match="RESRL_KERNEL_IMPL"):
         subspace_residual(*_res_args())
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_basis_drops_directions_outside_the_pool_span(impl, monkeypatch):
+    # 6 distinct rows plus 3 copies of the first: the centered pool has rank 5, not M - 1 = 8.
+    monkeypatch.setenv("RESRL_KERNEL_IMPL", impl)
+    distinct = torch.randn(6, 32)
+    pool = torch.cat([distinct, distinct[:1].repeat(3, 1)])
+    basis, _ = subspace_basis(pool, rank=64, generator=torch.Generator().manual_seed(0))
+    ref_basis, _ = subspace_basis_reference(pool.double(), rank=64)
+    assert basis.shape == (32, 5) and ref_basis.shape == (32, 5)
+
+
+def test_distances_are_stable_under_rounding_noise_with_duplicate_rows():
+    distinct = torch.randn(6, 32)
+    pool = torch.cat([distinct, distinct[:1].repeat(3, 1)])
+    neg = torch.randn(20, 32)
+    dists = []
+    for noise in (0.0, 1e-6):
+        noisy = pool + noise * torch.randn(pool.shape)
+        basis, mean = subspace_basis(noisy, rank=64, generator=torch.Generator().manual_seed(0))
+        dists.append(subspace_residual(neg, basis, mean))
+    torch.testing.assert_close(dists[1], dists[0], atol=1e-4, rtol=1e-4)
