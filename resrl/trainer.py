@@ -80,7 +80,20 @@ class Trainer:
             shuffle=cfg.data.shuffle,
         )
         self.reward_fn = get_reward(cfg.algorithm.reward)
-        self.engine = build_engine(cfg.rollout.engine, self.model, self.tokenizer, cfg.rollout)
+        engine_dir = None
+        if cfg.rollout.engine == "vllm":
+            # The engine starts from a Hugging Face folder; later weights are streamed in place.
+            engine_dir = self.run_dir / "rollout_init"
+            self.export(engine_dir)
+        self.engine = build_engine(
+            cfg.rollout.engine,
+            self.model,
+            self.tokenizer,
+            cfg.rollout,
+            model_dir=None if engine_dir is None else str(engine_dir),
+            max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+            seed=cfg.run.seed,
+        )
         self.ref_model = None
         self.step = 0
         self.history: dict[str, Any] = {}
@@ -105,6 +118,8 @@ class Trainer:
                 raise ConfigError(
                     f"config train.{key}={getattr(cfg.train, key)} must be a multiple of the {w.size} processes"
                 )
+        if cfg.rollout.engine == "vllm":
+            raise ConfigError("config rollout.engine=vllm runs in one process for now; use hf with several")
         if cfg.algorithm.kl_coef > 0:
             raise ConfigError(
                 "config algorithm.kl_coef > 0 is not supported with several processes yet; use 0"

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
-ENGINES = ("hf",)
+ENGINES = ("hf", "vllm")
 
 
 @dataclass
@@ -75,10 +75,36 @@ class RolloutEngine(Protocol):
         ...
 
 
-def build_engine(name: str, model: torch.nn.Module, tokenizer: Any, cfg: Any) -> RolloutEngine:
-    """The rollout engine `name` sampling from `model` (`cfg`: the run's RolloutConfig)."""
+def build_engine(
+    name: str,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    cfg: Any,
+    *,
+    model_dir: str | None = None,
+    max_model_len: int | None = None,
+    seed: int = 0,
+) -> RolloutEngine:
+    """The rollout engine `name` sampling from `model` (`cfg`: the run's RolloutConfig).
+
+    vllm needs `model_dir`, a Hugging Face folder of the policy to start from (weights are then
+    streamed in by `sync_weights`), and `max_model_len` (prompt + response tokens).
+    """
     if name == "hf":
         from resrl.rollout.hf import HFEngine
 
         return HFEngine(model, tokenizer, max_batch_size=cfg.max_batch_size)
+    if name == "vllm":
+        from resrl.rollout.vllm_engine import VLLMEngine
+
+        if model_dir is None or max_model_len is None:
+            raise ValueError("the vllm engine needs model_dir (a Hugging Face folder) and max_model_len")
+        return VLLMEngine(
+            model,
+            tokenizer,
+            model_dir=model_dir,
+            max_model_len=max_model_len,
+            seed=seed,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+        )
     raise ValueError(f"rollout engine {name!r} is not available; accepted: {', '.join(ENGINES)}")

