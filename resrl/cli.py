@@ -174,6 +174,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from resrl.eval.plot import load_curve, plot_pass_at_k
+
+    curves = {}
+    for spec in args.curves:
+        label, _, source = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        curves[label or source] = load_curve(source)
+    path = plot_pass_at_k(curves, args.out, title=args.title)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -214,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", default="compare", help="folder under run.out_dir")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("plot", help="overlay pass@k curves of several evaluations in one PNG")
+    p.add_argument(
+        "curves",
+        nargs="+",
+        metavar="[LABEL=]FILE[:KEY]",
+        help="an eval summary JSON, or a run's summary.json with :eval_before / :eval_after",
+    )
+    p.add_argument("--out", required=True, help="PNG path")
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_plot)
     p = sub.add_parser("eval", help="pass@k / avg@n / maj@n of a model on a dataset")
     p.add_argument("--model", required=True, help="Hugging Face model folder (e.g. runs/tiny/final)")
     p.add_argument("--data", required=True, nargs="+", help="dataset files (.jsonl/.json/.parquet)")

@@ -50,3 +50,14 @@ def test_eval_cli_on_a_trained_run(tmp_path, capsys):
     assert (out / "eval_pass_at_k.png").stat().st_size > 0
     assert main(["eval", "--model", str(tmp_path), "--data", str(data)]) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_plot_cli_overlays_runs(tmp_path, capsys):
+    summary = {"eval_before": {"pass@1": 0.2, "pass@2": 0.3}, "eval_after": {"pass@1": 0.4, "pass@2": 0.5}}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    out = tmp_path / "c.png"
+    assert main(["plot", f"base={path}:eval_before", f"rl={path}:eval_after", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(Exception, match="eval_middle"):
+        main(["plot", f"{path}:eval_middle", "--out", str(out)])
