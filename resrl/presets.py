@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "qwen3-4b-math-resrl": {
         "model": {"path": "Qwen/Qwen3-4B", "dtype": "bfloat16", "gradient_checkpointing": True},
         "data": {"max_prompt_length": 2048},
-        "rollout": {"engine": "hf", "n": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4096},
+        "rollout": {"engine": "vllm", "n": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4096},
         "algorithm": {
             "objective": "resrl",
             "advantage": "grpo",
