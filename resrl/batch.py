@@ -49,6 +49,36 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.response_ids)
 
+    def select(self, rows: list[int]) -> RolloutBatch:
+        """The sequences `rows`, in that order, with their per-token values."""
+        return RolloutBatch(
+            prompt_ids=[self.prompt_ids[i] for i in rows],
+            response_ids=[self.response_ids[i] for i in rows],
+            sample_logprob=[self.sample_logprob[i] for i in rows],
+            rewards=self.rewards[rows],
+            positive=self.positive[rows],
+            truncated=self.truncated[rows],
+            group=self.group[rows],
+            token_values={k: [v[i] for i in rows] for k, v in self.token_values.items()},
+        )
+
+    @classmethod
+    def concat(cls, batches: list[RolloutBatch]) -> RolloutBatch:
+        """The sequences of `batches` one after the other (per-token values only where all have them)."""
+        if not batches:
+            raise ValueError("concat needs at least one batch")
+        keys = set.intersection(*(set(b.token_values) for b in batches))
+        return cls(
+            prompt_ids=[p for b in batches for p in b.prompt_ids],
+            response_ids=[r for b in batches for r in b.response_ids],
+            sample_logprob=[t for b in batches for t in b.sample_logprob],
+            rewards=torch.cat([b.rewards for b in batches]),
+            positive=torch.cat([b.positive for b in batches]),
+            truncated=torch.cat([b.truncated for b in batches]),
+            group=torch.cat([b.group for b in batches]),
+            token_values={k: [t for b in batches for t in b.token_values[k]] for k in sorted(keys)},
+        )
+
     def response_lengths(self) -> torch.Tensor:
         return torch.tensor([len(r) for r in self.response_ids], dtype=torch.long)
 
@@ -164,3 +194,26 @@ def pad_sequences(
         mask_BL[row, : len(p) + len(r)] = 1
         resp_BT[row, len(p) - 1 : len(p) - 1 + len(r)] = True
     return ids_BL, mask_BL, resp_BT
+
+
+def balance_groups(tokens: list[int], groups: list[int], ranks: int) -> list[list[int]]:
+    """Split `groups` (positions into `tokens`, the token count of each prompt group) into `ranks`
+    lists of equal length whose token sums are as even as a greedy pass makes them: largest group
+    first, each to the rank with the fewest tokens that still has room (ties: the lower rank).
+    Every rank must run the same number of optimizer steps, hence equal counts. Each list keeps
+    the order the groups had in `groups`; deterministic, so every rank computes the same split."""
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    if len(groups) % ranks:
+        raise ValueError(f"{len(groups)} groups cannot be split evenly over {ranks} ranks")
+    if ranks == 1:
+        return [list(groups)]
+    room = len(groups) // ranks
+    load = [0] * ranks
+    members: list[list[int]] = [[] for _ in range(ranks)]
+    position = {g: k for k, g in enumerate(groups)}
+    for g in sorted(groups, key=lambda g: (-tokens[g], position[g])):
+        r = min((r for r in range(ranks) if len(members[r]) < room), key=lambda r: (load[r], r))
+        members[r].append(g)
+        load[r] += tokens[g]
+    return [sorted(m, key=position.__getitem__) for m in members]

@@ -23,7 +23,12 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from resrl.distributed import SINGLE, World
 
@@ -63,10 +68,12 @@ def save(
     meta: dict[str, Any],
     keep: int = 2,
     world: World = SINGLE,
+    frozen: dict[str, nn.Module] | None = None,
 ) -> Path:
     """Checkpoint `step`: model and optimizer through torch.distributed.checkpoint (each rank writes
     its shards; loadable at another process count), `meta` (schedule, data position, RNG, history)
-    from rank 0. Point `latest` at it and keep the newest `keep`. Called by every rank."""
+    from rank 0. `frozen` modules (the KL reference) are saved beside the model under their names.
+    Point `latest` at it and keep the newest `keep`. Called by every rank."""
     root = Path(run_dir) / "checkpoints"
     name = f"step_{step:06d}"
     tmp = root / f".{name}.tmp"
@@ -78,7 +85,10 @@ def save(
         tmp.mkdir()
     _barrier(world)
     model_sd, optim_sd = get_state_dict(module, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDS))
+    state = {"model": model_sd, "optim": optim_sd}
+    for key, frozen_module in (frozen or {}).items():
+        state[key] = get_model_state_dict(frozen_module)
+    dcp.save(state, checkpoint_id=str(tmp / SHARDS))
     if world.is_main:
         with open(tmp / META_FILE, "wb") as f:
             torch.save(meta, f)
@@ -113,15 +123,26 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load(path: str | os.PathLike, *, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model and optimizer (resharded to this run's processes) in place; return the meta."""
+def load(
+    path: str | os.PathLike,
+    *,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    frozen: dict[str, nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Restore model, optimizer and the named `frozen` modules (resharded to this run's
+    processes) in place; return the meta."""
     path = Path(path)
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path / META_FILE})")
     model_sd, optim_sd = get_state_dict(module, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
+    for key, frozen_module in (frozen or {}).items():
+        state[key] = get_model_state_dict(frozen_module)
     dcp.load(state, checkpoint_id=str(path / SHARDS))
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for key, frozen_module in (frozen or {}).items():
+        set_model_state_dict(frozen_module, state[key])
     return load_meta(path)
 
 

@@ -89,6 +89,8 @@ def prepass(
     chunks = batch.chunks(order, micro_batch_size, max_tokens)
     for _ in range(common_count(len(chunks), world, device) - len(chunks)):
         idle_forward(policy, pad_id, device)
+        if ref_policy is not None:
+            idle_forward(ref_policy, pad_id, device)
     for idx in chunks:
         mb = batch.collate(idx, pad_id, device, packed=max_tokens > 0)
         wants_hidden = any(group[i] in mixed for i in idx)
@@ -169,6 +171,7 @@ def prepass(
                 "resrl/neg_weight_mean": float(w_N.mean()),
                 "resrl/neg_weight_min_frac": float((w_N <= algo.min_weight + 1e-6).float().mean()),
                 "resrl/distance_mean": float(d_N.mean()),
+                "resrl/neg_tokens": float(d_N.numel()),
             }
         )
     batch.token_values["resrl_weight"] = weights

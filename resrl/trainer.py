@@ -6,7 +6,6 @@ with evaluation before and after (and every `eval.every` steps) and checkpoints 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -17,7 +16,7 @@ import torch
 
 from resrl import checkpoint
 from resrl.algorithms import group_advantages, group_seed, policy_loss, token_advantages
-from resrl.batch import RolloutBatch, responses_of
+from resrl.batch import RolloutBatch, balance_groups, responses_of
 from resrl.config import Config, ConfigError
 from resrl.distributed import (
     Policy,
@@ -61,10 +60,12 @@ class Trainer:
         sharded = self.world.distributed
         # Under FSDP2 on GPUs the sharded master weights stay fp32; compute runs in bf16.
         mixed = sharded and self.device.type == "cuda" and cfg.model.dtype != "float32"
-        self.model = load_model(cfg, self.tokenizer, self.device, dtype=torch.float32 if mixed else None)
+        self._shard_kwargs = {"bf16": mixed, "offload": cfg.train.cpu_offload}
+        self._master_dtype = torch.float32 if mixed else None
+        self.model = load_model(cfg, self.tokenizer, self.device, dtype=self._master_dtype)
         self.policy = Policy(self.model)
         if sharded:
-            shard(self.policy, bf16=mixed, offload=cfg.train.cpu_offload)
+            shard(self.policy, **self._shard_kwargs)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -94,7 +95,7 @@ class Trainer:
             max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
             seed=cfg.run.seed,
         )
-        self.ref_model = None
+        self.ref_policy: Policy | None = None
         self.step = 0
         self.history: dict[str, Any] = {}
         resume_from = checkpoint.latest(self.run_dir) if cfg.run.resume else None
@@ -118,12 +119,6 @@ class Trainer:
                 raise ConfigError(
                     f"config train.{key}={getattr(cfg.train, key)} must be a multiple of the {w.size} processes"
                 )
-        if cfg.rollout.engine == "vllm":
-            raise ConfigError("config rollout.engine=vllm runs in one process for now; use hf with several")
-        if cfg.algorithm.kl_coef > 0:
-            raise ConfigError(
-                "config algorithm.kl_coef > 0 is not supported with several processes yet; use 0"
-            )
 
     # ------------------------------------------------------------------ the loop
 
@@ -133,8 +128,6 @@ class Trainer:
             self.history["sft"] = self.warm_start()
             if cfg.eval.before:
                 self.history["eval_before"] = self.evaluate("before")
-        if cfg.algorithm.kl_coef > 0:
-            self.ref_model = self._reference_model()
         start = time.perf_counter()
         steps = range(self.step, cfg.train.steps)
         bar = None
@@ -168,37 +161,52 @@ class Trainer:
         return summary
 
     def train_step(self, step: int) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, world = self.cfg, self.world
+        if cfg.algorithm.kl_coef > 0 and self.ref_policy is None:
+            self.ref_policy = self._reference_model()
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
-        # Every rank draws the same prompts and keeps its share: whole groups stay on one rank.
-        slots = self.sampler.next()[self.world.rank :: self.world.size]
-        batch, metrics = self.rollout(slots, step)
+        # Every rank draws the same prompts and samples its share; then all ranks see every group.
+        slots = self.sampler.next()
+        batch = self._gather_rollouts(self.rollout(slots[world.rank :: world.size], step), len(slots))
+        self.engine.sleep()
+        metrics = self._rollout_metrics(batch, len(slots))
         t1 = time.perf_counter()
         seq_adv = group_advantages(batch.rewards, batch.group, cfg.algorithm.advantage, batch.positive)
+        # This rank's whole groups, balanced by tokens within every mini-batch.
+        plan, imbalance = self._plan(batch, len(slots), step)
+        g = cfg.rollout.n
+        mine = sorted(p for mb in plan for p in mb)
+        local = {p: k for k, p in enumerate(mine)}
+        rows = [p * g + j for p in mine for j in range(g)]
+        batch, seq_adv = batch.select(rows), seq_adv[rows]
+        metrics["batch/rank_token_imbalance"] = imbalance
         n_updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts * cfg.train.epochs_per_batch
         metrics.update(
-            prepass(
-                self.policy,
-                batch,
-                cfg.algorithm,
-                temperature=cfg.rollout.temperature,
-                micro_batch_size=cfg.train.micro_batch_size,
-                pad_id=self.pad_id,
-                max_tokens=cfg.train.max_tokens_per_micro_batch if cfg.train.pack else 0,
-                seed=_seed(cfg.run.seed, _RESRL, step),
-                need_old=n_updates > 1,
-                ref_policy=self.ref_model,
-                world=self.world,
+            self._prepass_over_ranks(
+                prepass(
+                    self.policy,
+                    batch,
+                    cfg.algorithm,
+                    temperature=cfg.rollout.temperature,
+                    micro_batch_size=cfg.train.micro_batch_size,
+                    pad_id=self.pad_id,
+                    max_tokens=cfg.train.max_tokens_per_micro_batch if cfg.train.pack else 0,
+                    seed=_seed(cfg.run.seed, _RESRL, step),
+                    need_old=n_updates > 1,
+                    ref_policy=self.ref_policy,
+                    world=world,
+                )
             )
         )
         t2 = time.perf_counter()
-        metrics.update(self.update(batch, seq_adv, step))
+        metrics.update(self.update(batch, seq_adv, step, [[local[p] for p in mb] for mb in plan]))
         t3 = time.perf_counter()
+        self.engine.wake_up()
         self.engine.sync_weights(self.model)
         t4 = time.perf_counter()
-        tokens = sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True))
+        tokens = metrics.pop("_tokens")
         for name, seconds in (
             ("rollout", t1 - t0),
             ("prepass", t2 - t1),
@@ -213,6 +221,56 @@ class Trainer:
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
         return self._mean_over_ranks(metrics)
 
+    def _prepass_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The ResRL weight metrics of the whole step: group and token counts summed over ranks,
+        means weighted by each rank's weighted tokens."""
+        if not self.world.distributed or not metrics:
+            return metrics
+        parts = all_gather_objects(metrics, self.world)
+        out = {k: sum(p.get(k, 0.0) for p in parts) for k in ("resrl/groups_mixed", "resrl/groups_weighted")}
+        n = [p.get("resrl/neg_tokens", 0.0) for p in parts]
+        out["resrl/neg_tokens"] = sum(n)
+        for k in ("resrl/neg_weight_mean", "resrl/neg_weight_min_frac", "resrl/distance_mean"):
+            if out["resrl/neg_tokens"]:
+                out[k] = (
+                    sum(p.get(k, 0.0) * w for p, w in zip(parts, n, strict=True)) / out["resrl/neg_tokens"]
+                )
+        return out
+
+    def _gather_rollouts(self, local: RolloutBatch, n_prompts: int) -> RolloutBatch:
+        """Every rank's groups on every rank, in the order of the step's prompts (rank r sampled
+        prompts r, r + size, ...). Token ids and per-token floats only: cheap next to the update."""
+        if not self.world.distributed:
+            return local
+        parts = all_gather_objects(local, self.world)
+        g, size = self.cfg.rollout.n, self.world.size
+        rows = [range((p // size) * g, (p // size + 1) * g) for p in range(n_prompts)]
+        return RolloutBatch.concat([parts[p % size].select(list(rows[p])) for p in range(n_prompts)])
+
+    def _plan(self, batch: RolloutBatch, n_prompts: int, step: int) -> tuple[list[list[int]], float]:
+        """This rank's prompt groups for each first-epoch mini-batch (positions in the step's
+        batch) and the step's token imbalance across ranks (max / mean, 1 = even). The mini-batches
+        are the step's groups in a seeded order, `train.mini_batch_prompts` at a time; each is split
+        over the ranks in equal numbers of groups with balanced token counts."""
+        cfg, world = self.cfg, self.world
+        size = cfg.train.mini_batch_prompts
+        order = list(range(n_prompts))
+        if n_prompts > size:
+            order = self._permutation(n_prompts, step, epoch=0)
+        g = cfg.rollout.n
+        tokens = [sum(batch.length(p * g + j) for j in range(g)) for p in range(n_prompts)]
+        plan, load = [], [0] * world.size
+        for k in range(0, n_prompts, size):
+            split = balance_groups(tokens, order[k : k + size], world.size)
+            plan.append(split[world.rank])
+            for r, groups in enumerate(split):
+                load[r] += sum(tokens[p] for p in groups)
+        return plan, max(load) / max(sum(load) / len(load), 1)
+
+    def _permutation(self, n: int, step: int, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(_seed(self.cfg.run.seed, _SHUFFLE, step * 1000 + epoch + 1))
+        return torch.randperm(n, generator=gen).tolist()
+
     def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         if not self.world.distributed:
             return metrics
@@ -222,18 +280,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ phases
 
-    def rollout(self, slots: list[int], step: int) -> tuple[RolloutBatch, dict[str, float]]:
-        """Sample G responses per prompt and score them."""
+    def rollout(self, slots: list[int], step: int) -> RolloutBatch:
+        """Sample G responses for each prompt slot of this rank and score them."""
         cfg, algo = self.cfg, self.cfg.algorithm
         params = SamplingParams(
             n=cfg.rollout.n,
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
             max_new_tokens=cfg.rollout.max_new_tokens,
-            seed=_seed(cfg.run.seed, _ROLLOUT, step),
+            # Each rank draws its own stream (one process: the step's stream).
+            seed=_seed(cfg.run.seed, _ROLLOUT, step * self.world.size + self.world.rank),
         )
-        with full_parameters(self.policy):
-            samples = self.engine.generate([self.train_set.prompt_ids[i] for i in slots], params)
+        prompts = [self.train_set.prompt_ids[i] for i in slots]
+        if cfg.rollout.engine == "hf":
+            # transformers generates with the policy itself: its shards must be gathered.
+            with full_parameters(self.policy):
+                samples = self.engine.generate(prompts, params)
+        else:
+            samples = self.engine.generate(prompts, params)
         rewards, positive = [], []
         for slot, group in zip(slots, samples, strict=True):
             answer = self.train_set.examples[slot].answer
@@ -252,10 +316,12 @@ class Trainer:
                     )
                 rewards.append(r)
         group_ids = [step * cfg.train.prompts_per_step + slot for slot in slots]
-        batch = RolloutBatch.from_samples(samples, rewards, positive, group_ids)
+        return RolloutBatch.from_samples(samples, rewards, positive, group_ids)
+
+    def _rollout_metrics(self, batch: RolloutBatch, n_prompts: int) -> dict[str, float]:
         lengths = batch.response_lengths().float()
-        acc_G = batch.positive.float().view(len(slots), -1).mean(1)
-        return batch, {
+        acc_G = batch.positive.float().view(n_prompts, -1).mean(1)
+        return {
             "reward/mean": float(batch.rewards.mean()),
             "reward/accuracy": float(batch.positive.float().mean()),
             "reward/groups_all_correct": float((acc_G == 1).float().mean()),
@@ -263,10 +329,20 @@ class Trainer:
             "response/length_mean": float(lengths.mean()),
             "response/length_max": float(lengths.max()),
             "response/truncated_frac": float(batch.truncated.float().mean()),
+            "_tokens": float(sum(batch.length(i) for i in range(len(batch)))),
         }
 
-    def update(self, batch: RolloutBatch, seq_adv: torch.Tensor, step: int) -> dict[str, float]:
-        """Optimizer steps over mini-batches of whole prompt groups; micro-batches accumulate."""
+    def update(
+        self,
+        batch: RolloutBatch,
+        seq_adv: torch.Tensor,
+        step: int,
+        first_epoch: list[list[int]] | None = None,
+    ) -> dict[str, float]:
+        """Optimizer steps over mini-batches of whole prompt groups; micro-batches accumulate.
+
+        `first_epoch`: this rank's groups (positions in `batch`) for each mini-batch of the first
+        epoch, as `_plan` balanced them; later epochs (and `None`) shuffle this rank's groups."""
         cfg = self.cfg
         g = cfg.rollout.n
         n_prompts = len(batch) // g
@@ -274,17 +350,15 @@ class Trainer:
         totals: dict[str, float] = {}
         n_steps = 0
         for epoch in range(cfg.train.epochs_per_batch):
-            order = list(range(n_prompts))
-            if epoch > 0 or n_prompts > mbp:
-                perm = torch.randperm(
-                    n_prompts,
-                    generator=torch.Generator().manual_seed(
-                        _seed(cfg.run.seed, _SHUFFLE, step * 1000 + epoch + 1)
-                    ),
-                )
-                order = perm.tolist()
-            for k in range(0, n_prompts, mbp):
-                idx = [slot * g + j for slot in order[k : k + mbp] for j in range(g)]
+            if epoch == 0 and first_epoch is not None:
+                mini_batches = first_epoch
+            else:
+                order = list(range(n_prompts))
+                if epoch > 0 or n_prompts > mbp:
+                    order = self._permutation(n_prompts, step, epoch)
+                mini_batches = [order[k : k + mbp] for k in range(0, n_prompts, mbp)]
+            for groups in mini_batches:
+                idx = [slot * g + j for slot in groups for j in range(g)]
                 m = self._optimizer_step(batch, idx, seq_adv, first=n_steps == 0)
                 n_steps += 1
                 for key, value in m.items():
@@ -368,7 +442,7 @@ class Trainer:
                     gap_sum += float(torch.where(t["resp_mask"], gap, 0.0).sum())
                     gap_n += float(t["resp_mask"].sum())
             w = m.pop("valid_tokens")
-            sums["loss/pg"] = sums.get("loss/pg", 0.0) + m.pop("pg_loss") * scale
+            sums["loss/pg"] = sums.get("loss/pg", 0.0) + m.pop("pg_loss")
             for key in ("ratio_max", "ratio_min"):
                 value = m.pop(key)
                 if w:
@@ -389,13 +463,34 @@ class Trainer:
             )
         self.optimizer.step()
         self.scheduler.step()
-        w = sums.pop("_w") or 1.0
+        sums["_gap_sum"], sums["_gap_n"] = gap_sum, gap_n
+        sums = self._sum_over_ranks(sums)
+        w = sums.pop("_w", 0.0) or 1.0
+        gap_sum, gap_n = sums.pop("_gap_sum"), sums.pop("_gap_n")
         out = {
             k: (v if k in ("loss/pg", "loss/ratio_max", "loss/ratio_min") else v / w) for k, v in sums.items()
         }
         out["optim/grad_norm"] = grad_norm
         if first and gap_n:
             out["rollout/logprob_gap"] = gap_sum / gap_n
+        return out
+
+    def _sum_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        """Token-weighted metric sums of all ranks: summed, ratio extremes as max / min, so the
+        metrics of one optimizer step do not depend on the number of processes."""
+        if not self.world.distributed:
+            return sums
+        out: dict[str, float] = {}
+        for part in all_gather_objects(sums, self.world):
+            for k, v in part.items():
+                if k not in out:
+                    out[k] = v
+                elif k == "loss/ratio_max":
+                    out[k] = max(out[k], v)
+                elif k == "loss/ratio_min":
+                    out[k] = min(out[k], v)
+                else:
+                    out[k] = out[k] + v
         return out
 
     def _truncated_is(self, adv_BT, mask_BT, logprob_bT, t) -> tuple[torch.Tensor, float]:
@@ -457,19 +552,18 @@ class Trainer:
                 summary = result.summary
         return all_gather_objects(summary, self.world)[0]
 
-    def _reference_model(self) -> torch.nn.Module:
-        """A frozen copy of the policy as it starts RL (after any warm start), for the KL term
-        (one process only: `_check_world` refuses kl_coef > 0 with several)."""
-        state = self.history.get("ref_state")
-        ref = copy.deepcopy(self.model)
-        if state is not None:
-            ref.load_state_dict(state)
-        else:
-            self.history["ref_state"] = {
-                k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
-            }
+    def _reference_model(self) -> Policy:
+        """A frozen copy of the policy as RL starts (after any warm start), for the KL term: the
+        same architecture, sharded like the policy under FSDP2 (each rank holds its share), saved
+        in checkpoints beside the policy."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        ref = Policy(load_model(self.cfg, self.tokenizer, self.device, dtype=self._master_dtype))
+        if self.world.distributed:
+            shard(ref, **self._shard_kwargs)
         ref.requires_grad_(False).eval()
-        return Policy(ref)
+        set_model_state_dict(ref, get_model_state_dict(self.policy))
+        return ref
 
     def save(self) -> Path:
         meta = {
@@ -480,6 +574,7 @@ class Trainer:
             "history": self.history,
             "config": self.cfg.to_dict(),
             "world_size": self.world.size,
+            "has_reference": self.ref_policy is not None,
         }
         return checkpoint.save(
             self.run_dir,
@@ -489,10 +584,21 @@ class Trainer:
             meta=meta,
             keep=self.cfg.run.keep_checkpoints,
             world=self.world,
+            frozen=None if self.ref_policy is None else {"reference": self.ref_policy},
         )
 
     def _load(self, path: Path) -> None:
-        state = checkpoint.load(path, module=self.policy, optimizer=self.optimizer)
+        frozen = None
+        if self.cfg.algorithm.kl_coef > 0:
+            if not checkpoint.load_meta(path).get("has_reference"):
+                raise ConfigError(
+                    f"config algorithm.kl_coef={self.cfg.algorithm.kl_coef}: the checkpoint {path} has no "
+                    "KL reference model (it was saved with kl_coef=0); resume with algorithm.kl_coef=0 "
+                    "or start a new run"
+                )
+            self.ref_policy = self._reference_model()
+            frozen = {"reference": self.ref_policy}
+        state = checkpoint.load(path, module=self.policy, optimizer=self.optimizer, frozen=frozen)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
@@ -518,6 +624,9 @@ class Trainer:
             self.model.save_pretrained(path, safe_serialization=True)
         if self.world.is_main:
             self.tokenizer.save_pretrained(path)
+        if self.world.distributed:
+            # Other ranks may read the folder next (each rank's vLLM engine starts from it).
+            torch.distributed.barrier()
 
     def write_summary(self) -> dict[str, Any]:
         h = self.history

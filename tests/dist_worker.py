@@ -2,10 +2,12 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT [--resume CKPT] [overrides]
 
-Builds the trainer on a very small model, applies one update (pre-pass + optimizer step) to a fixed
-rollout batch of 4 prompt groups (each rank takes its groups, as the trainer does), saves a
-checkpoint and exports the full weights. With --resume, it first restores the given checkpoint
-(written at any process count) and then does the same. Rank 0 writes OUT/result.json.
+Builds the trainer on a very small model and runs one whole `train_step` whose rollout is replaced
+by fixed responses for the step's prompts (each rank "samples" its share; the trainer gathers them,
+balances groups over the ranks by tokens, runs the pre-pass and the optimizer step), records the
+gradients, saves a checkpoint and exports the full weights. With --resume, it first restores the
+given checkpoint (written at any process count) and then does the same. Rank 0 writes
+OUT/result.json and OUT/grads.pt.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from resrl import checkpoint  # noqa: E402
 from resrl.batch import RolloutBatch  # noqa: E402
 from resrl.config import resolve  # noqa: E402
 from resrl.distributed import shutdown  # noqa: E402
-from resrl.prepass import prepass  # noqa: E402
 from resrl.trainer import Trainer  # noqa: E402
 
 SMALL = [
@@ -72,20 +73,7 @@ def main() -> None:
     world = trainer.world
     if resume is not None:
         trainer._load(resume)
-    slots = list(range(4))[world.rank :: world.size]
-    batch = fixed_batch(trainer, slots)
-    seq_adv = batch.rewards.clone()
-    prepass(
-        trainer.policy,
-        batch,
-        cfg.algorithm,
-        temperature=1.0,
-        micro_batch_size=cfg.train.micro_batch_size,
-        pad_id=trainer.pad_id,
-        seed=0,
-        need_old=False,
-        world=world,
-    )
+    trainer.rollout = lambda slots, step: fixed_batch(trainer, slots)
     grads = {}
     step = trainer.optimizer.step
 
@@ -97,7 +85,7 @@ def main() -> None:
         step()
 
     trainer.optimizer.step = record_then_step
-    metrics = trainer._mean_over_ranks(trainer.update(batch, seq_adv, step=0))
+    metrics = trainer.train_step(trainer.step)
     trainer.step = 1 if resume is None else 2
     saved = trainer.save()
     trainer.export(out / "exported")

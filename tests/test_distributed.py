@@ -61,7 +61,13 @@ def runs(tmp_path_factory):
         for objective in ("grpo", "resrl"):
             out[nproc, objective] = root / f"{objective}-{nproc}"
             run(nproc, out[nproc, objective], str(out[nproc, objective]), f"algorithm.objective={objective}")
+    out[2, "kl"] = root / "kl-2"
+    run(2, out[2, "kl"], str(out[2, "kl"]), *KL)
     return out
+
+
+# NSR moves the policy whatever the rewards; the KL term then pulls it back to the reference.
+KL = ["algorithm.objective=nsr", "algorithm.kl_coef=0.5"]
 
 
 def test_two_processes_match_one_grpo(runs):
@@ -73,11 +79,35 @@ def test_two_processes_match_one_grpo(runs):
     assert_params_after_adam_close(p1, p2)
 
 
+def test_groups_are_balanced_over_ranks_by_tokens(runs):
+    m1, _, _ = result(runs[1, "grpo"])
+    m2, _, _ = result(runs[2, "grpo"])
+    assert m1["batch/rank_token_imbalance"] == 1.0
+    # Two groups per rank out of four of different lengths: the greedy split is within 10%.
+    assert 1.0 <= m2["batch/rank_token_imbalance"] < 1.1
+
+
+def test_kl_reference_sharded_saved_at_two_resumed_at_one_and_two(runs, tmp_path):
+    ckpt = runs[2, "kl"] / "run" / "checkpoints" / "step_000001"
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(1, one, str(one), "--resume", str(ckpt), *KL)
+    run(2, two, str(two), "--resume", str(ckpt), *KL)
+    m1, g1, _ = result(one)
+    m2, g2, _ = result(two)
+    # The restored reference differs from the restored policy: the KL term is live.
+    assert m1["loss/kl"] > 0
+    assert m2["loss/kl"] == pytest.approx(m1["loss/kl"], rel=1e-5)
+    assert_grads_close(g1, g2, rel=1e-5)
+
+
 def test_two_processes_match_one_resrl(runs):
     # Each rank builds the ResRL weights of its own groups; they must be those of one process.
     m1, g1, _ = result(runs[1, "resrl"])
     m2, g2, _ = result(runs[2, "resrl"])
     assert m2["loss/pg"] == pytest.approx(m1["loss/pg"], rel=1e-5)
+    # Step metrics are those of the whole step, whatever the process count.
+    for key in ("resrl/groups_mixed", "resrl/neg_tokens", "resrl/neg_weight_mean", "loss/entropy"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4), key
     assert_grads_close(g1, g2, rel=1e-4)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from small import SMALL_RUN
 
-from resrl.batch import RolloutBatch, pack_sequences, responses_of
+from resrl.batch import RolloutBatch, balance_groups, pack_sequences, responses_of
 from resrl.config import resolve
 from resrl.model import build_qwen3, forward_logprobs
 from resrl.prepass import prepass
@@ -184,3 +184,34 @@ def test_packed_run_end_to_end(tmp_path):
     cfg = resolve("tiny", overrides=[*SMALL, f"run.out_dir={tmp_path}", "train.pack=true"])
     summary = Trainer(cfg).fit()
     assert "pass@1" in summary["eval_after"]
+
+
+def test_balance_groups_even_counts_balanced_tokens_order_kept():
+    tokens = [100, 10, 90, 20, 30, 80, 15, 5]
+    groups = [6, 0, 3, 5, 1, 2, 4, 7]
+    split = balance_groups(tokens, groups, 2)
+    assert sorted(g for part in split for g in part) == sorted(groups)
+    assert [len(part) for part in split] == [4, 4]
+    loads = [sum(tokens[g] for g in part) for part in split]
+    assert sorted(loads) == [165, 185]  # greedy; a strided split gives 75 vs 275
+    strided = [groups[0::2], groups[1::2]]
+    assert max(loads) < max(sum(tokens[g] for g in part) for part in strided)
+    for part in split:  # each rank's groups in the order they had
+        assert part == [g for g in groups if g in part]
+    assert balance_groups(tokens, groups, 2) == split  # deterministic: every rank computes it
+    assert balance_groups(tokens, groups, 1) == [groups]
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 ranks"):
+        balance_groups(tokens, groups, 3)
+
+
+def test_select_and_concat_keep_sequences_and_token_values():
+    batch = random_batch(n=6)
+    batch.token_values["resrl_weight"] = [torch.rand(len(r)) for r in batch.response_ids]
+    parts = [batch.select([4, 5]), batch.select([0, 1, 2, 3])]
+    joined = RolloutBatch.concat(parts)
+    order = [4, 5, 0, 1, 2, 3]
+    assert joined.response_ids == [batch.response_ids[i] for i in order]
+    assert torch.equal(joined.group, batch.group[order])
+    assert torch.equal(joined.rewards, batch.rewards[order])
+    for a, i in zip(joined.token_values["resrl_weight"], order, strict=True):
+        assert torch.equal(a, batch.token_values["resrl_weight"][i])

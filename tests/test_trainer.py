@@ -197,6 +197,27 @@ def test_resume_gives_the_same_next_step(tmp_path):
         break
 
 
+def test_kl_reference_is_checkpointed_and_restored(tmp_path):
+    # NSR pushes down every sampled answer here (all wrong at this size): the policy moves.
+    kl = ["algorithm.objective=nsr", "algorithm.kl_coef=0.5", "optim.lr=5e-3", "eval.before=false"]
+    straight = small_cfg(tmp_path, "run.name=straight", "train.steps=3", *kl)
+    Trainer(straight).fit()
+    Trainer(small_cfg(tmp_path, "run.name=resumed", "train.steps=2", *kl)).fit()
+    resumed = Trainer(small_cfg(tmp_path, "run.name=resumed", "train.steps=3", *kl))
+    # The reference is the policy where RL started, not the policy being resumed.
+    ref = dict(resumed.ref_policy.model.named_parameters())
+    moved = [n for n, p in resumed.model.named_parameters() if not torch.equal(p, ref[n])]
+    assert moved
+    resumed.fit()
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert a[0]["loss/kl"] == 0.0 and a[2]["loss/kl"] > 0.0
+    assert _comparable(a[2]) == pytest.approx(_comparable(b[2]), rel=1e-6, abs=1e-7)
+    # A checkpoint saved without a KL term cannot supply a reference.
+    Trainer(small_cfg(tmp_path, "run.name=nokl", "train.steps=1", "eval.before=false")).fit()
+    with pytest.raises(ConfigError, match="has no KL reference model"):
+        Trainer(small_cfg(tmp_path, "run.name=nokl", "train.steps=2", *kl))
+
+
 @pytest.mark.parametrize("where", ["shards", "rename"])
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
     trainer = Trainer(small_cfg(tmp_path, "train.steps=1", "eval.before=false"))

@@ -308,7 +308,13 @@ def test_training_with_the_vllm_engine(tmp_path):
 
     cfg = resolve(
         "tiny",
-        overrides=[*SMALL_RUN, "rollout.engine=vllm", "train.steps=3", f"run.out_dir={tmp_path}", "run.name=v"],
+        overrides=[
+            *SMALL_RUN,
+            "rollout.engine=vllm",
+            "train.steps=3",
+            f"run.out_dir={tmp_path}",
+            "run.name=v",
+        ],
     )
     trainer = Trainer(cfg)
     summary = trainer.fit()
@@ -317,4 +323,34 @@ def test_training_with_the_vllm_engine(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
         assert row["rollout/logprob_gap"] < ATOL, row["rollout/logprob_gap"]
+    assert "pass@1" in summary["eval_after"]
+
+
+def test_training_with_the_vllm_engine_under_torchrun(tmp_path):
+    """Two processes (FSDP2 over gloo), one in-process engine per rank (vLLM's external launcher):
+    each rank samples its prompts, weights stream from the shards into both engines every step, and
+    the run exits cleanly."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from small import SMALL_RUN
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "resrl", "train",
+        "--preset", "tiny", *SMALL_RUN, "model.head_dim=32", "data.task_eval_size=4",
+        "rollout.engine=vllm", "train.steps=3", "run.device=cpu", f"run.out_dir={tmp_path}", "run.name=v2",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "v2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        # Both ranks' engines sample from the weights the trainer has (synced from the shards).
+        assert row["rollout/logprob_gap"] < ATOL, row["rollout/logprob_gap"]
+        assert row["batch/rank_token_imbalance"] >= 1.0
+    summary = json.loads((tmp_path / "v2" / "summary.json").read_text())
     assert "pass@1" in summary["eval_after"]

@@ -70,6 +70,15 @@ class RolloutEngine(Protocol):
         """Make the engine sample from `model`'s current weights (after an optimizer step)."""
         ...
 
+    def sleep(self) -> None:
+        """Free what the engine holds on the accelerator (KV cache, weights) while the trainer
+        updates; `generate` and `sync_weights` need `wake_up` first. A no-op where nothing is held."""
+        ...
+
+    def wake_up(self) -> None:
+        """Undo `sleep`."""
+        ...
+
     def close(self) -> None:
         """Release the engine's resources."""
         ...

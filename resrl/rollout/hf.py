@@ -114,6 +114,12 @@ class HFEngine:
                 raise TypeError(f"{type(model).__name__} has no `generate`; pass a transformers causal LM")
             self.model = model
 
+    def sleep(self) -> None:
+        """Nothing to free: the engine owns no memory besides the policy's."""
+
+    def wake_up(self) -> None:
+        """Nothing to restore (see `sleep`)."""
+
     def close(self) -> None:
         """Drop the references to the model and tokenizer; the engine is unusable afterwards."""
         self.model = None

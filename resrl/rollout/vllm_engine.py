@@ -211,6 +211,12 @@ class VLLMEngine:
         import torch.distributed as dist
 
         self._owns_dist = not (dist.is_available() and dist.is_initialized())
+        if not self._owns_dist and dist.get_world_size() > 1:
+            # Under torchrun every rank runs its own engine on its own device: vLLM's external
+            # launcher takes rank and device from torchrun's environment and treats the ranks as
+            # independent data-parallel replicas (tensor_parallel_size 1), so each rank generates
+            # alone, no collective per decoding step.
+            kwargs.setdefault("distributed_executor_backend", "external_launcher")
         self._set_num_threads = torch.set_num_threads
         with _rng_preserved():
             self.llm: Any = vllm.LLM(**kwargs)
