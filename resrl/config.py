@@ -40,6 +40,9 @@ def _at_least(key: str, value: float, low: float) -> None:
         _fail(key, f"must be >= {low}, got {value!r}")
 
 
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
 @dataclass
 class ModelConfig:
     path: str | None = None
@@ -59,6 +62,14 @@ class ModelConfig:
     """Built model only: MLP width."""
     max_position_embeddings: int = 256
     """Built model only: longest sequence (prompt + response)."""
+    vocab_size: int = 0
+    """Built model only: rows of the embedding and LM head; 0 = the tokenizer's size. A larger value
+    gives a real checkpoint's shape (Qwen3: 151936) for benchmarks; it must cover the tokenizer."""
+    tie_word_embeddings: bool = True
+    """Built model only: the LM head is the embedding matrix (Qwen3 up to 4B) or its own (8B+)."""
+    attn_implementation: str = "auto"
+    """Attention kernel: auto (flash_attention_2 on CUDA when flash-attn is installed, else sdpa),
+    sdpa, flash_attention_2 (CUDA + flash-attn; packed rows run its varlen path) or eager."""
     dtype: str = "auto"
     """Parameter dtype: float32, bfloat16, or auto (bfloat16 on CUDA, float32 on CPU)."""
     gradient_checkpointing: bool = False
@@ -66,6 +77,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        _at_least("model.vocab_size", self.vocab_size, 0)
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             _at_least(f"model.{name}", getattr(self, name), 1)
         _at_least("model.head_dim", self.head_dim, 32)

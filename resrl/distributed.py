@@ -54,6 +54,13 @@ def init_world(device_name: str) -> World:
     return World(rank, size, local_rank)
 
 
+def init_single_group(device: torch.device) -> None:
+    """A one-process group (in-memory store), for FSDP2 in a single process (CPU offload)."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def shutdown(world: World) -> None:
     """Leave the process group. torch 2.13 + gloo can abort at interpreter exit after a backward
     ("terminate called without an active exception"), so a distributed worker ends with
@@ -68,16 +75,20 @@ def shutdown(world: World) -> None:
 
 
 class Policy(nn.Module):
-    """The trainer-owned forward (`resrl.model.forward_logprobs`) as a module: the FSDP2 root."""
+    """The trainer-owned forward (`resrl.model.forward_logprobs`) as a module: the FSDP2 root.
 
-    def __init__(self, model: nn.Module) -> None:
+    `forward_fn` replaces that forward (same signature and outputs); benchmarks use it to run
+    another path (full logits) through the same sharded module."""
+
+    def __init__(self, model: nn.Module, forward_fn=None) -> None:
         super().__init__()
         self.model = model
+        self.forward_fn = forward_fn
 
     def forward(self, input_ids, attention_mask, **kwargs):
         from resrl.model import forward_logprobs
 
-        return forward_logprobs(self.model, input_ids, attention_mask, **kwargs)
+        return (self.forward_fn or forward_logprobs)(self.model, input_ids, attention_mask, **kwargs)
 
 
 def shard(policy: Policy, *, bf16: bool, offload: bool) -> Policy:
@@ -89,7 +100,8 @@ def shard(policy: Policy, *, bf16: bool, offload: bool) -> Policy:
     if bf16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host memory needs an accelerator; unpinned keeps the path runnable (and tested) on CPU.
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     # The root returns views (logprob reshaped to [B, L-1]); nothing modifies them in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for layer in policy.model.model.layers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import warnings
 from dataclasses import dataclass
@@ -99,17 +100,37 @@ def _task_examples(problems: list[dict]) -> list[Example]:
     ]
 
 
+def attention_implementation(name: str, device: torch.device) -> str:
+    """The transformers attention kernel for config `model.attn_implementation` on `device`."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if name == "auto":
+        return "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
+    if name == "flash_attention_2" and not (device.type == "cuda" and has_flash):
+        raise ConfigError(
+            "config model.attn_implementation=flash_attention_2 needs a CUDA device and the flash-attn "
+            f"package (`pip install resrl[gpu]`); here: device {device.type}, flash-attn "
+            f"{'installed' if has_flash else 'not installed'}; accepted here: auto, sdpa, eager"
+        )
+    return name
+
+
 def load_model(cfg: Config, tokenizer, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
     """The policy on `device` in `dtype` (default: model.dtype, where auto = bf16 on CUDA)."""
     m = cfg.model
     dtype = dtype or {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(m.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    attn = attention_implementation(m.attn_implementation, device)
     if m.path is None:
         from resrl.model import build_qwen3
 
+        if m.vocab_size and m.vocab_size < len(tokenizer):
+            raise ConfigError(
+                f"config model.vocab_size={m.vocab_size} is smaller than the tokenizer's {len(tokenizer)} "
+                "tokens; use 0 (the tokenizer's size) or a larger value"
+            )
         model = build_qwen3(
-            len(tokenizer),
+            m.vocab_size or len(tokenizer),
             hidden_size=m.hidden_size,
             num_layers=m.num_layers,
             num_heads=m.num_heads,
@@ -117,12 +138,15 @@ def load_model(cfg: Config, tokenizer, device: torch.device, dtype: torch.dtype 
             head_dim=m.head_dim,
             intermediate_size=m.intermediate_size,
             max_position_embeddings=m.max_position_embeddings,
+            tie_word_embeddings=m.tie_word_embeddings,
             seed=cfg.run.seed,
         )
+        if attn != "sdpa":
+            model.set_attn_implementation(attn)
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(m.path, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(m.path, dtype=dtype, attn_implementation=attn)
     model.to(device=device, dtype=dtype)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -25,6 +25,7 @@ from resrl.distributed import (
     common_count,
     full_parameters,
     idle_forward,
+    init_single_group,
     init_world,
     shard,
 )
@@ -44,6 +45,23 @@ def _seed(seed: int, stream: int, index: int = 0) -> int:
     return group_seed(group_seed(seed, stream), index) & 0x7FFFFFFF
 
 
+class _PeakMemory:
+    """Peak accelerator memory per phase: `peak(name)` ends a phase (memory/{name}_peak_gib:
+    the most this process's tensors held during it) and starts the next. Nothing on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device if device.type == "cuda" else None
+        self.values: dict[str, float] = {}
+        if self.device is not None:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def __call__(self, phase: str) -> None:
+        if self.device is None:
+            return
+        self.values[f"memory/{phase}_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -57,7 +75,10 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        sharded = self.world.distributed
+        # FSDP2 with several processes, or in one process to offload parameters and optimizer state.
+        self.sharded = sharded = self.world.distributed or cfg.train.cpu_offload
+        if sharded and not self.world.distributed:
+            init_single_group(self.device)
         # Under FSDP2 on GPUs the sharded master weights stay fp32; compute runs in bf16.
         mixed = sharded and self.device.type == "cuda" and cfg.model.dtype != "float32"
         self._shard_kwargs = {"bf16": mixed, "offload": cfg.train.cpu_offload}
@@ -166,6 +187,7 @@ class Trainer:
             self.ref_policy = self._reference_model()
         timings: dict[str, float] = {}
 
+        peak = _PeakMemory(self.device)
         t0 = time.perf_counter()
         # Every rank draws the same prompts and samples its share; then all ranks see every group.
         slots = self.sampler.next()
@@ -173,6 +195,7 @@ class Trainer:
         self.engine.sleep()
         metrics = self._rollout_metrics(batch, len(slots))
         t1 = time.perf_counter()
+        peak("rollout")
         seq_adv = group_advantages(batch.rewards, batch.group, cfg.algorithm.advantage, batch.positive)
         # This rank's whole groups, balanced by tokens within every mini-batch.
         plan, imbalance = self._plan(batch, len(slots), step)
@@ -201,11 +224,15 @@ class Trainer:
             )
         )
         t2 = time.perf_counter()
+        peak("prepass")
         metrics.update(self.update(batch, seq_adv, step, [[local[p] for p in mb] for mb in plan]))
         t3 = time.perf_counter()
+        peak("update")
         self.engine.wake_up()
         self.engine.sync_weights(self.model)
         t4 = time.perf_counter()
+        peak("sync")
+        metrics.update(peak.values)
         tokens = metrics.pop("_tokens")
         for name, seconds in (
             ("rollout", t1 - t0),
@@ -559,7 +586,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
         ref = Policy(load_model(self.cfg, self.tokenizer, self.device, dtype=self._master_dtype))
-        if self.world.distributed:
+        if self.sharded:
             shard(ref, **self._shard_kwargs)
         ref.requires_grad_(False).eval()
         set_model_state_dict(ref, get_model_state_dict(self.policy))
@@ -611,7 +638,7 @@ class Trainer:
         under FSDP2 the full weights are gathered to rank 0 first."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        if self.world.distributed:
+        if self.sharded:
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             full = get_model_state_dict(self.policy, options=options)
             state = {k.removeprefix("model."): v for k, v in full.items()}

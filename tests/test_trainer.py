@@ -26,6 +26,10 @@ SMALL = [
 ]
 
 
+# At this size every sampled answer is wrong (zero GRPO advantages); NSR still moves the policy.
+MOVES = ["algorithm.objective=nsr", "optim.lr=5e-3"]
+
+
 def small_cfg(tmp_path, *extra):
     return resolve("tiny", overrides=[*SMALL, f"run.out_dir={tmp_path}", *extra])
 
@@ -198,8 +202,7 @@ def test_resume_gives_the_same_next_step(tmp_path):
 
 
 def test_kl_reference_is_checkpointed_and_restored(tmp_path):
-    # NSR pushes down every sampled answer here (all wrong at this size): the policy moves.
-    kl = ["algorithm.objective=nsr", "algorithm.kl_coef=0.5", "optim.lr=5e-3", "eval.before=false"]
+    kl = [*MOVES, "algorithm.kl_coef=0.5", "eval.before=false"]
     straight = small_cfg(tmp_path, "run.name=straight", "train.steps=3", *kl)
     Trainer(straight).fit()
     Trainer(small_cfg(tmp_path, "run.name=resumed", "train.steps=2", *kl)).fit()
@@ -216,6 +219,35 @@ def test_kl_reference_is_checkpointed_and_restored(tmp_path):
     Trainer(small_cfg(tmp_path, "run.name=nokl", "train.steps=1", "eval.before=false")).fit()
     with pytest.raises(ConfigError, match="has no KL reference model"):
         Trainer(small_cfg(tmp_path, "run.name=nokl", "train.steps=2", *kl))
+
+
+def test_cpu_offload_in_one_process_trains_like_the_plain_run(tmp_path):
+    """train.cpu_offload shards with FSDP2 in a one-process group (pinned host memory on GPUs;
+    unpinned here): same rollouts, losses and weights as the unsharded run."""
+    import torch.distributed as dist
+
+    rows = {}
+    try:
+        for offload in (False, True):
+            name = f"offload{offload}"
+            cfg = small_cfg(
+                tmp_path, f"run.name={name}", f"train.cpu_offload={offload}", "eval.before=false", *MOVES
+            )
+            trainer = Trainer(cfg)
+            assert trainer.sharded is offload
+            trainer.fit()
+            rows[offload] = read_metrics(tmp_path / name)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    for a, b in zip(rows[False], rows[True], strict=True):
+        assert a["optim/grad_norm"] > 0
+        assert _comparable(a) == pytest.approx(_comparable(b), rel=1e-4, abs=1e-6)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "offloadFalse" / "final").state_dict()
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "offloadTrue" / "final").state_dict()
+    assert plain.keys() == offloaded.keys()
+    for name in plain:
+        torch.testing.assert_close(plain[name], offloaded[name], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("where", ["shards", "rename"])
@@ -292,6 +324,28 @@ def test_bad_setups_fail_clearly(tmp_path):
     )
     with pytest.raises(ValueError, match="needs a 'solution' for every training row"):
         Trainer(cfg).fit()
+    with pytest.raises(ConfigError, match="model.attn_implementation: 'xformers' is not supported; accepted"):
+        small_cfg(tmp_path, "model.attn_implementation=xformers")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="flash_attention_2 needs a CUDA device and the flash-attn"):
+            Trainer(small_cfg(tmp_path, "model.attn_implementation=flash_attention_2"))
+    with pytest.raises(ConfigError, match="model.vocab_size=10 is smaller than the tokenizer's"):
+        Trainer(small_cfg(tmp_path, "model.vocab_size=10"))
+
+
+def test_model_shape_fields(tmp_path):
+    """A real checkpoint's shape from the config: wider vocabulary, untied LM head, eager attention."""
+    cfg = small_cfg(
+        tmp_path,
+        "model.vocab_size=1000",
+        "model.tie_word_embeddings=false",
+        "model.attn_implementation=eager",
+    )
+    model = Trainer(cfg).model
+    assert model.get_input_embeddings().num_embeddings == 1000
+    assert model.lm_head.weight.shape[0] == 1000
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    assert model.config._attn_implementation == "eager"
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")

@@ -1,0 +1,287 @@
+"""One ResRL training step of a Qwen3-shaped model: resrl's path against the reference recipe's path.
+
+Both paths run the trainer's own step (`Trainer.train_step`: pre-pass with streamed ResRL weights,
+then the micro-batched update and optimizer step, FSDP2 with bf16 compute and fp32 master weights
+on a GPU, optional CPU offload of parameters and optimizer state) on the same weights and the
+same rollout batch; only the forward differs:
+
+- resrl: `forward_logprobs`, the fused `linear_logprob` kernel (no [tokens x vocab] logits) and
+  one captured layer of hidden states;
+- reference: what the paper's verl recipe does, `model(..., output_hidden_states=True)`: full
+  logits upcast to fp32, log-softmax, entropy from the full distribution, and every layer's
+  hidden states kept.
+
+Reported per phase (pre-pass, update): seconds, tokens/s and peak GPU memory, from the trainer's
+own step metrics. Weights are random (from the model's config) and the rollout is synthetic
+(random token ids, lengths uniform in [response_len / 2, response_len], half of each group
+positive): sampled text would be meaningless with random weights, and the rollout engine is
+measured on its own. Each path runs in a fresh subprocess, so peaks do not leak between paths;
+an out-of-memory is reported as such, with the phase it hit.
+
+    python bench/bench_step.py --model qwen3-4b                      # both paths, one GPU
+    python bench/bench_step.py --model qwen3-8b --offload --paths resrl
+    python bench/bench_step.py --model tiny --device cpu             # smoke run (CI does this)
+    ... --record                                                      # append to bench/results/step.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import append_results, environment  # noqa: E402
+
+QWEN3_VOCAB = 151936
+# Qwen3 dense checkpoints' shapes (their config.json): hidden, layers, heads, kv heads, MLP width, tied head.
+MODELS = {
+    "qwen3-0.6b": dict(hidden=1024, layers=28, heads=16, kv=8, mlp=3072, tied=True, vocab=QWEN3_VOCAB),
+    "qwen3-1.7b": dict(hidden=2048, layers=28, heads=16, kv=8, mlp=6144, tied=True, vocab=QWEN3_VOCAB),
+    "qwen3-4b": dict(hidden=2560, layers=36, heads=32, kv=8, mlp=9728, tied=True, vocab=QWEN3_VOCAB),
+    "qwen3-8b": dict(hidden=4096, layers=36, heads=32, kv=8, mlp=12288, tied=False, vocab=QWEN3_VOCAB),
+    "qwen3-14b": dict(hidden=5120, layers=40, heads=40, kv=8, mlp=17408, tied=False, vocab=QWEN3_VOCAB),
+    "tiny": dict(hidden=64, layers=2, heads=2, kv=1, mlp=128, tied=True, vocab=512),
+}
+PATHS = ("resrl", "reference")
+PHASES = ("prepass", "update")
+
+
+def reference_forward(
+    model,
+    input_ids,
+    attention_mask,
+    *,
+    temperature=1.0,
+    return_entropy=False,
+    subspace_layer=None,
+    position_ids=None,
+):
+    """`forward_logprobs`'s contract computed the reference recipe's way: full logits in fp32 and
+    every layer's hidden states (hidden_states[-2] is the input of the last decoder layer)."""
+    from resrl.model import position_ids_from_mask
+
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    logp_BLV = torch.log_softmax(out.logits[:, :-1].float() / temperature, dim=-1)
+    logprob = logp_BLV.gather(-1, input_ids[:, 1:, None].long()).squeeze(-1)
+    entropy = -(logp_BLV.exp() * logp_BLV).sum(-1) if return_entropy else None
+    sub = None
+    if subspace_layer == "penultimate":
+        sub = out.hidden_states[-2][:, :-1].detach()
+    elif subspace_layer == "final":
+        sub = out.hidden_states[-1][:, :-1].detach()
+    return {"logprob": logprob, "entropy": entropy, "sub_hidden": sub}
+
+
+def synthetic_rollout(trainer, args):
+    """The trainer's `rollout` replaced: random prompts and responses, half of each group positive."""
+    from resrl.batch import RolloutBatch
+
+    vocab = trainer.model.get_input_embeddings().num_embeddings
+
+    def rollout(slots, step):
+        gen = torch.Generator().manual_seed(1000 * step + 7)
+        prompts, responses, positive, groups = [], [], [], []
+        for slot in slots:
+            prompt = torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist()
+            for j in range(args.n):
+                n = int(
+                    torch.randint(max(args.response_len // 2, 1), args.response_len + 1, (1,), generator=gen)
+                )
+                prompts.append(prompt)
+                responses.append(torch.randint(0, vocab, (n,), generator=gen).tolist())
+                positive.append(j % 2 == 0)
+                groups.append(step * 1_000_000 + slot)
+        return RolloutBatch(
+            prompt_ids=prompts,
+            response_ids=responses,
+            sample_logprob=[torch.zeros(len(r)) for r in responses],
+            rewards=torch.tensor([1.0 if p else -1.0 for p in positive]),
+            positive=torch.tensor(positive),
+            truncated=torch.zeros(len(prompts), dtype=torch.bool),
+            group=torch.tensor(groups),
+        )
+
+    return rollout
+
+
+def overrides(args, out_dir: str) -> list[str]:
+    m = MODELS[args.model]
+    head_dim = 128 if args.model != "tiny" else 32
+    return [
+        f"model.hidden_size={m['hidden']}",
+        f"model.num_layers={m['layers']}",
+        f"model.num_heads={m['heads']}",
+        f"model.num_kv_heads={m['kv']}",
+        f"model.head_dim={head_dim}",
+        f"model.intermediate_size={m['mlp']}",
+        f"model.vocab_size={m['vocab']}",
+        f"model.tie_word_embeddings={str(m['tied']).lower()}",
+        f"model.max_position_embeddings={args.prompt_len + args.response_len + 8}",
+        f"model.gradient_checkpointing={str(not args.no_checkpointing).lower()}",
+        f"model.dtype={'float32' if args.device == 'cpu' else 'bfloat16'}",
+        f"data.task_train_size={max(64, args.prompts)}",
+        "data.task_eval_size=4",
+        f"rollout.n={args.n}",
+        f"rollout.max_new_tokens={args.response_len}",
+        f"train.prompts_per_step={args.prompts}",
+        f"train.mini_batch_prompts={args.prompts}",
+        "train.pack=true",
+        f"train.max_tokens_per_micro_batch={args.micro_batch_tokens}",
+        f"train.cpu_offload={str(args.offload).lower()}",
+        f"train.steps={args.steps}",
+        "algorithm.objective=resrl",
+        "sft.steps=0",
+        "eval.before=false",
+        f"run.device={args.device}",
+        f"run.out_dir={out_dir}",
+        "run.name=bench",
+        "run.tensorboard=false",
+        "run.progress=false",
+        "run.resume=false",
+    ]
+
+
+def run_path(args) -> dict:
+    """One path in this process: warm-up steps, then the measured step's metrics."""
+    from resrl.config import resolve
+    from resrl.trainer import Trainer
+
+    row = {"model": args.model, "path": args.path, "offload": args.offload}
+    phase = "setup"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = Trainer(resolve("tiny", overrides=overrides(args, tmp)))
+            trainer.rollout = synthetic_rollout(trainer, args)
+            if args.path == "reference":
+                trainer.policy.forward_fn = reference_forward
+            phase = "step"
+            for step in range(args.steps):
+                t0 = time.perf_counter()
+                metrics = trainer.train_step(step)
+                metrics["time/wall_s"] = time.perf_counter() - t0
+            row["status"] = "ok"
+            row["metrics"] = {
+                k: v
+                for k, v in metrics.items()
+                if k.startswith(("time/", "throughput/", "memory/", "loss/", "optim/", "resrl/"))
+            }
+            if torch.cuda.is_available() and args.device != "cpu":
+                row["params_billion"] = sum(p.numel() for p in trainer.model.parameters()) / 1e9
+    except torch.cuda.OutOfMemoryError as err:
+        row["status"] = "oom"
+        row["phase"] = phase
+        row["error"] = str(err).splitlines()[0][:300]
+    tokens = args.prompts * args.n * (args.prompt_len + 0.75 * args.response_len)
+    row["shape"] = {
+        "prompts": args.prompts,
+        "n": args.n,
+        "prompt_len": args.prompt_len,
+        "response_len": args.response_len,
+        "micro_batch_tokens": args.micro_batch_tokens,
+        "approx_tokens": int(tokens),
+    }
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'path':<10} {'phase':<8} {'seconds':>8} {'tokens/s':>10} {'peak GiB':>9}"]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"{row['path']:<10} {row.get('phase', ''):<8} {row['status'].upper():>8}")
+            continue
+        m = row["metrics"]
+        for phase in PHASES:
+            peak = m.get(f"memory/{phase}_peak_gib")
+            lines.append(
+                f"{row['path']:<10} {phase:<8} {m[f'time/{phase}_s']:>8.2f} "
+                f"{m.get(f'throughput/{phase}_tokens_per_s', 0.0):>10.0f} "
+                f"{'-' if peak is None else f'{peak:.1f}':>9}"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="qwen3-4b")
+    parser.add_argument("--paths", default="resrl,reference", help="comma list of: " + ", ".join(PATHS))
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--n", type=int, default=8, help="responses per prompt")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--response-len", type=int, default=2048)
+    parser.add_argument("--micro-batch-tokens", type=int, default=16384)
+    parser.add_argument(
+        "--offload", action="store_true", help="FSDP2 CPU offload of parameters and optimizer"
+    )
+    parser.add_argument("--no-checkpointing", action="store_true", help="keep every block's activations")
+    parser.add_argument("--steps", type=int, default=2, help="steps per path; the last is reported")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    parser.add_argument("--record", action="store_true", help="append the rows to bench/results/step.jsonl")
+    parser.add_argument("--path", choices=PATHS, help=argparse.SUPPRESS)  # child process
+    args = parser.parse_args(argv)
+    for name in ("prompts", "n", "prompt_len", "response_len", "micro_batch_tokens", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    paths = [p for p in args.paths.split(",") if p]
+    if not paths or any(p not in PATHS for p in paths):
+        parser.error(f"--paths {args.paths!r}: accepted: {', '.join(PATHS)}")
+    args.path_list = paths
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.path is not None:
+        print(json.dumps(run_path(args)))
+        return []
+    rows = []
+    child_args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--record"]
+    for path in args.path_list:
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            *child_args,
+            "--path",
+            path,
+            "--device",
+            args.device,
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
+        if proc.returncode != 0 or not last or not last[0].startswith("{"):
+            raise SystemExit(f"bench path {path} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        rows.append(json.loads(last[0]))
+    env = environment(torch.device(args.device))
+    for row in rows:
+        row.update(env)
+    print(
+        f"{args.model}, {rows[0]['shape']['approx_tokens']} tokens/step, offload={args.offload}, {env['device']}"
+    )
+    print(table(rows))
+    if args.record:
+        print("recorded in", append_results("step.jsonl", rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
