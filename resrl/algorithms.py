@@ -160,6 +160,23 @@ def token_advantages(
 # --------------------------------------------------------------------------- clipped surrogate
 
 
+def truncated_is(
+    adv_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    sample_logprob_BT: torch.Tensor,
+    old_logprob_BT: torch.Tensor,
+    *,
+    cap: float,
+) -> tuple[torch.Tensor, float]:
+    """Truncated importance sampling for the gap between the engine that sampled the tokens and
+    the trainer: each token's advantage times min(pi_old / pi_engine, cap) (no gradient), pi_old
+    the trainer's log-prob before this step's updates. Returns (advantage [B, T], sum of the
+    weights over valid tokens, for the mean metric)."""
+    log_w = (old_logprob_BT.detach() - sample_logprob_BT).clamp(max=20.0)
+    w_BT = torch.where(mask_BT, log_w.exp().clamp(max=cap), 0.0)
+    return adv_BT * w_BT, float(w_BT.sum())
+
+
 def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token estimator of KL(pi_theta || pi_ref) from samples of pi_theta, same shape as inputs.
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -154,3 +155,28 @@ def load_meta(path: str | os.PathLike) -> dict[str, Any]:
 def _barrier(world: World) -> None:
     if world.distributed:
         torch.distributed.barrier()
+
+
+def export_hf(
+    path: str | os.PathLike, policy: nn.Module, tokenizer: Any, *, sharded: bool, world: World
+) -> None:
+    """A Hugging Face folder (safetensors, config, tokenizer) that transformers and vLLM load, from
+    `policy` (a `Policy` root around the causal LM). Under FSDP2 the full weights are gathered to
+    rank 0 first (every rank calls this); rank 0 writes; all ranks return once it is written."""
+    model = policy.model
+    if sharded:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = {
+            k.removeprefix("model."): v for k, v in get_model_state_dict(policy, options=options).items()
+        }
+        if getattr(model.config, "tie_word_embeddings", False):
+            # Tied: the LM head is the embedding; save_pretrained stores it once.
+            state.pop("lm_head.weight", None)
+        if world.is_main:
+            model.save_pretrained(path, state_dict=state, safe_serialization=True)
+    else:
+        model.save_pretrained(path, safe_serialization=True)
+    if world.is_main:
+        tokenizer.save_pretrained(path)
+    # Other ranks may read the folder next (each rank's vLLM engine starts from it).
+    _barrier(world)

@@ -1,4 +1,5 @@
-"""Step metrics: one JSON object per line in metrics.jsonl, the same scalars to TensorBoard."""
+"""Step metrics: one JSON object per line in metrics.jsonl, the same scalars to TensorBoard; peak
+GPU memory per phase."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 class Tracker:
@@ -46,3 +49,20 @@ class Tracker:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class PeakMemory:
+    """Peak accelerator memory per phase: `peak(name)` ends a phase (memory/{name}_peak_gib:
+    the most this process's tensors held during it) and starts the next. Nothing on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device if device.type == "cuda" else None
+        self.values: dict[str, float] = {}
+        if self.device is not None:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def __call__(self, phase: str) -> None:
+        if self.device is None:
+            return
+        self.values[f"memory/{phase}_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)

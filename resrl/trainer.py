@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from resrl import checkpoint
-from resrl.algorithms import group_advantages, group_seed, policy_loss, token_advantages
-from resrl.batch import RolloutBatch, balance_groups, responses_of
+from resrl.algorithms import group_advantages, group_seed, policy_loss, token_advantages, truncated_is
+from resrl.batch import RolloutBatch, responses_of
 from resrl.config import Config, ConfigError
 from resrl.distributed import (
     Policy,
@@ -31,10 +31,17 @@ from resrl.distributed import (
 )
 from resrl.loading import PromptSampler, load_model, load_task, resolve_device
 from resrl.prepass import prepass
+from resrl.ranks import (
+    combine_prepass_metrics,
+    gather_rollouts,
+    mean_over_ranks,
+    plan_mini_batches,
+    sum_over_ranks,
+)
 from resrl.rewards import get_reward, length_scaled_reward
 from resrl.rollout import SamplingParams, build_engine
 from resrl.sft import solution_ids, warm_start
-from resrl.tracker import Tracker
+from resrl.tracker import PeakMemory, Tracker
 
 # Seed streams: each use of randomness draws from its own seed, derived from the run seed, so that
 # resuming (or evaluating more often) never changes what a later step samples.
@@ -43,23 +50,6 @@ _ROLLOUT, _EVAL, _RESRL, _SHUFFLE, _SFT = 1, 2, 3, 4, 5
 
 def _seed(seed: int, stream: int, index: int = 0) -> int:
     return group_seed(group_seed(seed, stream), index) & 0x7FFFFFFF
-
-
-class _PeakMemory:
-    """Peak accelerator memory per phase: `peak(name)` ends a phase (memory/{name}_peak_gib:
-    the most this process's tensors held during it) and starts the next. Nothing on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device if device.type == "cuda" else None
-        self.values: dict[str, float] = {}
-        if self.device is not None:
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def __call__(self, phase: str) -> None:
-        if self.device is None:
-            return
-        self.values[f"memory/{phase}_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        torch.cuda.reset_peak_memory_stats(self.device)
 
 
 class Trainer:
@@ -187,45 +177,47 @@ class Trainer:
             self.ref_policy = self._reference_model()
         timings: dict[str, float] = {}
 
-        peak = _PeakMemory(self.device)
+        peak = PeakMemory(self.device)
         t0 = time.perf_counter()
         # Every rank draws the same prompts and samples its share; then all ranks see every group.
         slots = self.sampler.next()
-        batch = self._gather_rollouts(self.rollout(slots[world.rank :: world.size], step), len(slots))
+        local = self.rollout(slots[world.rank :: world.size], step)
+        batch = gather_rollouts(local, len(slots), cfg.rollout.n, world)
         self.engine.sleep()
         metrics = self._rollout_metrics(batch, len(slots))
         t1 = time.perf_counter()
         peak("rollout")
         seq_adv = group_advantages(batch.rewards, batch.group, cfg.algorithm.advantage, batch.positive)
         # This rank's whole groups, balanced by tokens within every mini-batch.
-        plan, imbalance = self._plan(batch, len(slots), step)
-        g = cfg.rollout.n
+        g, n_prompts = cfg.rollout.n, len(slots)
+        order = list(range(n_prompts))
+        if n_prompts > cfg.train.mini_batch_prompts:
+            order = self._permutation(n_prompts, step, epoch=0)
+        tokens = [sum(batch.length(p * g + j) for j in range(g)) for p in range(n_prompts)]
+        plan, imbalance = plan_mini_batches(tokens, order, cfg.train.mini_batch_prompts, world)
         mine = sorted(p for mb in plan for p in mb)
-        local = {p: k for k, p in enumerate(mine)}
+        position = {p: k for k, p in enumerate(mine)}
         rows = [p * g + j for p in mine for j in range(g)]
         batch, seq_adv = batch.select(rows), seq_adv[rows]
         metrics["batch/rank_token_imbalance"] = imbalance
         n_updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts * cfg.train.epochs_per_batch
-        metrics.update(
-            self._prepass_over_ranks(
-                prepass(
-                    self.policy,
-                    batch,
-                    cfg.algorithm,
-                    temperature=cfg.rollout.temperature,
-                    micro_batch_size=cfg.train.micro_batch_size,
-                    pad_id=self.pad_id,
-                    max_tokens=cfg.train.max_tokens_per_micro_batch if cfg.train.pack else 0,
-                    seed=_seed(cfg.run.seed, _RESRL, step),
-                    need_old=n_updates > 1,
-                    ref_policy=self.ref_policy,
-                    world=world,
-                )
-            )
+        found = prepass(
+            self.policy,
+            batch,
+            cfg.algorithm,
+            temperature=cfg.rollout.temperature,
+            micro_batch_size=cfg.train.micro_batch_size,
+            pad_id=self.pad_id,
+            max_tokens=cfg.train.max_tokens_per_micro_batch if cfg.train.pack else 0,
+            seed=_seed(cfg.run.seed, _RESRL, step),
+            need_old=n_updates > 1,
+            ref_policy=self.ref_policy,
+            world=world,
         )
+        metrics.update(combine_prepass_metrics(found, world))
         t2 = time.perf_counter()
         peak("prepass")
-        metrics.update(self.update(batch, seq_adv, step, [[local[p] for p in mb] for mb in plan]))
+        metrics.update(self.update(batch, seq_adv, step, [[position[p] for p in mb] for mb in plan]))
         t3 = time.perf_counter()
         peak("update")
         self.engine.wake_up()
@@ -246,64 +238,11 @@ class Trainer:
         metrics.update(timings)
         metrics["time/step_s"] = t4 - t0
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
-        return self._mean_over_ranks(metrics)
-
-    def _prepass_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
-        """The ResRL weight metrics of the whole step: group and token counts summed over ranks,
-        means weighted by each rank's weighted tokens."""
-        if not self.world.distributed or not metrics:
-            return metrics
-        parts = all_gather_objects(metrics, self.world)
-        out = {k: sum(p.get(k, 0.0) for p in parts) for k in ("resrl/groups_mixed", "resrl/groups_weighted")}
-        n = [p.get("resrl/neg_tokens", 0.0) for p in parts]
-        out["resrl/neg_tokens"] = sum(n)
-        for k in ("resrl/neg_weight_mean", "resrl/neg_weight_min_frac", "resrl/distance_mean"):
-            if out["resrl/neg_tokens"]:
-                out[k] = (
-                    sum(p.get(k, 0.0) * w for p, w in zip(parts, n, strict=True)) / out["resrl/neg_tokens"]
-                )
-        return out
-
-    def _gather_rollouts(self, local: RolloutBatch, n_prompts: int) -> RolloutBatch:
-        """Every rank's groups on every rank, in the order of the step's prompts (rank r sampled
-        prompts r, r + size, ...). Token ids and per-token floats only: cheap next to the update."""
-        if not self.world.distributed:
-            return local
-        parts = all_gather_objects(local, self.world)
-        g, size = self.cfg.rollout.n, self.world.size
-        rows = [range((p // size) * g, (p // size + 1) * g) for p in range(n_prompts)]
-        return RolloutBatch.concat([parts[p % size].select(list(rows[p])) for p in range(n_prompts)])
-
-    def _plan(self, batch: RolloutBatch, n_prompts: int, step: int) -> tuple[list[list[int]], float]:
-        """This rank's prompt groups for each first-epoch mini-batch (positions in the step's
-        batch) and the step's token imbalance across ranks (max / mean, 1 = even). The mini-batches
-        are the step's groups in a seeded order, `train.mini_batch_prompts` at a time; each is split
-        over the ranks in equal numbers of groups with balanced token counts."""
-        cfg, world = self.cfg, self.world
-        size = cfg.train.mini_batch_prompts
-        order = list(range(n_prompts))
-        if n_prompts > size:
-            order = self._permutation(n_prompts, step, epoch=0)
-        g = cfg.rollout.n
-        tokens = [sum(batch.length(p * g + j) for j in range(g)) for p in range(n_prompts)]
-        plan, load = [], [0] * world.size
-        for k in range(0, n_prompts, size):
-            split = balance_groups(tokens, order[k : k + size], world.size)
-            plan.append(split[world.rank])
-            for r, groups in enumerate(split):
-                load[r] += sum(tokens[p] for p in groups)
-        return plan, max(load) / max(sum(load) / len(load), 1)
+        return mean_over_ranks(metrics, self.world)
 
     def _permutation(self, n: int, step: int, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(_seed(self.cfg.run.seed, _SHUFFLE, step * 1000 + epoch + 1))
         return torch.randperm(n, generator=gen).tolist()
-
-    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
-        if not self.world.distributed:
-            return metrics
-        gathered = all_gather_objects(metrics, self.world)
-        keys = sorted({k for m in gathered for k in m})
-        return {k: sum(m[k] for m in gathered if k in m) / sum(1 for m in gathered if k in m) for k in keys}
 
     # ------------------------------------------------------------------ phases
 
@@ -442,7 +381,13 @@ class Trainer:
                 w_lambda=algo.w_lambda,
             )
             if algo.tis_cap > 0:
-                adv_BT, tis_mean = self._truncated_is(adv_BT, mask_BT, logprob_bT, t)
+                adv_BT, tis_mean = truncated_is(
+                    adv_BT,
+                    mask_BT,
+                    t["sample_logprob"],
+                    logprob_bT.detach() if t.get("old_logprob") is None else t["old_logprob"],
+                    cap=algo.tis_cap,
+                )
                 sums["rollout/tis_weight_mean"] = sums.get("rollout/tis_weight_mean", 0.0) + tis_mean
             loss, m = policy_loss(
                 logprob_bT,
@@ -491,7 +436,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         sums["_gap_sum"], sums["_gap_n"] = gap_sum, gap_n
-        sums = self._sum_over_ranks(sums)
+        sums = sum_over_ranks(sums, self.world)
         w = sums.pop("_w", 0.0) or 1.0
         gap_sum, gap_n = sums.pop("_gap_sum"), sums.pop("_gap_n")
         out = {
@@ -501,36 +446,6 @@ class Trainer:
         if first and gap_n:
             out["rollout/logprob_gap"] = gap_sum / gap_n
         return out
-
-    def _sum_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
-        """Token-weighted metric sums of all ranks: summed, ratio extremes as max / min, so the
-        metrics of one optimizer step do not depend on the number of processes."""
-        if not self.world.distributed:
-            return sums
-        out: dict[str, float] = {}
-        for part in all_gather_objects(sums, self.world):
-            for k, v in part.items():
-                if k not in out:
-                    out[k] = v
-                elif k == "loss/ratio_max":
-                    out[k] = max(out[k], v)
-                elif k == "loss/ratio_min":
-                    out[k] = min(out[k], v)
-                else:
-                    out[k] = out[k] + v
-        return out
-
-    def _truncated_is(self, adv_BT, mask_BT, logprob_bT, t) -> tuple[torch.Tensor, float]:
-        """Truncated importance sampling for the gap between the engine that sampled the tokens
-        and the trainer: each token's advantage times min(pi_old / pi_engine, cap), detached, with
-        pi_old the trainer's log-prob before this step's updates. Returns (advantage, weighted sum
-        of the weights over valid tokens, for the mean metric)."""
-        old_bT = t.get("old_logprob")
-        if old_bT is None:
-            old_bT = logprob_bT.detach()
-        log_w = (old_bT - t["sample_logprob"]).clamp(max=20.0)
-        w_bT = torch.where(mask_BT, log_w.exp().clamp(max=self.cfg.algorithm.tis_cap), 0.0)
-        return adv_BT * w_bT, float(w_bT.sum())
 
     # ------------------------------------------------------------------ around the loop
 
@@ -634,26 +549,8 @@ class Trainer:
         self.engine.sync_weights(self.model)
 
     def export(self, path: Path) -> None:
-        """A Hugging Face folder (safetensors, config, tokenizer) that transformers and vLLM load;
-        under FSDP2 the full weights are gathered to rank 0 first."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        if self.sharded:
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            full = get_model_state_dict(self.policy, options=options)
-            state = {k.removeprefix("model."): v for k, v in full.items()}
-            if getattr(self.model.config, "tie_word_embeddings", False):
-                # Tied: the LM head is the embedding; save_pretrained stores it once.
-                state.pop("lm_head.weight", None)
-            if self.world.is_main:
-                self.model.save_pretrained(path, state_dict=state, safe_serialization=True)
-        else:
-            self.model.save_pretrained(path, safe_serialization=True)
-        if self.world.is_main:
-            self.tokenizer.save_pretrained(path)
-        if self.world.distributed:
-            # Other ranks may read the folder next (each rank's vLLM engine starts from it).
-            torch.distributed.barrier()
+        """A Hugging Face folder of the current policy (see `checkpoint.export_hf`)."""
+        checkpoint.export_hf(path, self.policy, self.tokenizer, sharded=self.sharded, world=self.world)
 
     def write_summary(self) -> dict[str, Any]:
         h = self.history
