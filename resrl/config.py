@@ -281,7 +281,8 @@ class TrainConfig:
     max_tokens_per_micro_batch: int = 4096
     """With pack: prompt+response tokens per micro-batch (a longer sequence gets one of its own)."""
     cpu_offload: bool = False
-    """Several processes (FSDP2): keep parameters, gradients and optimizer state on the CPU."""
+    """FSDP2 CPU offload: parameters, gradients and optimizer state stay on the CPU (in one process
+    too: the model is then wrapped with FSDP2 on a one-process group)."""
 
     def validate(self) -> None:
         for name in (
