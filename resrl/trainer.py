@@ -6,6 +6,7 @@ with evaluation before and after (and every `eval.every` steps) and checkpoints 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -473,26 +474,30 @@ class Trainer:
         examples = self.eval_set.examples
         if cfg.eval.max_problems:
             examples = examples[: cfg.eval.max_problems]
-        summary = None
-        # Rank 0 samples everything while the others hold their full parameters too (unsharding
-        # is collective); then every rank gets the summary.
-        with full_parameters(self.policy):
-            if self.world.is_main:
-                result = evaluate(
-                    self.engine,
-                    examples,
-                    self.tokenizer,
-                    n=cfg.eval.n,
-                    temperature=cfg.eval.temperature,
-                    top_p=cfg.eval.top_p,
-                    max_new_tokens=cfg.rollout.max_new_tokens,
-                    seed=_seed(cfg.run.seed, _EVAL),
-                    reward=cfg.algorithm.reward,
-                    progress=cfg.run.progress,
-                )
-                result.write(self.run_dir / "eval", name=tag)
-                summary = result.summary
-        return all_gather_objects(summary, self.world)[0]
+        world = self.world
+        # Each rank samples its share of the problems (chunks of at most 64, spread over the
+        # ranks) and every rank gets the whole result. The hf engine generates with the policy
+        # itself, whose shards must be gathered first.
+        gathered = full_parameters(self.policy) if cfg.rollout.engine == "hf" else contextlib.nullcontext()
+        with gathered:
+            result = evaluate(
+                self.engine,
+                examples,
+                self.tokenizer,
+                n=cfg.eval.n,
+                temperature=cfg.eval.temperature,
+                top_p=cfg.eval.top_p,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                seed=_seed(cfg.run.seed, _EVAL),
+                reward=cfg.algorithm.reward,
+                batch_prompts=min(64, -(-len(examples) // world.size)),
+                progress=cfg.run.progress and world.is_main,
+                part=(world.rank, world.size),
+                gather=lambda done: all_gather_objects(done, world),
+            )
+        if world.is_main:
+            result.write(self.run_dir / "eval", name=tag)
+        return result.summary
 
     def _reference_model(self) -> Policy:
         """A frozen copy of the policy as RL starts (after any warm start), for the KL term: the

@@ -168,6 +168,38 @@ def test_results_are_a_function_of_the_seed(tok):
     assert len({tuple(r) for r in shifted}) > 1
 
 
+def test_parts_over_ranks_gather_to_the_one_process_result(tok):
+    """Two "ranks" (part 0 and 1 of 2) each sample their chunks; the gathered result is the one
+    process's, rows in problem order, with a seed-dependent engine and per-sample entropies."""
+
+    def entropy_fn(samples):
+        return [float(len(s.response_ids)) for s in samples]
+
+    def run(**kw):
+        engine = ScriptedEngine(tok, SCRIPT, seed_shifts=True)
+        return _run(tok, engine, seed=5, batch_prompts=1, entropy_fn=entropy_fn, **kw), engine
+
+    whole, _ = run()
+    done = {}
+
+    def gather_as(rank):
+        def gather(mine):
+            done[rank] = mine
+            return [done.get(0, []), done.get(1, [])]
+
+        return gather
+
+    _, engine0 = run(part=(0, 2), gather=gather_as(0))
+    result, engine1 = run(part=(1, 2), gather=gather_as(1))
+    # Chunks 0 and 2 on rank 0, chunk 1 on rank 1.
+    assert [len(c[0]) for c in engine0.calls] == [1, 1] and len(engine1.calls) == 1
+    assert result.rows == whole.rows and result.summary == whole.summary
+    with pytest.raises(ValueError, match="needs a gather function"):
+        _run(tok, part=(0, 2))
+    with pytest.raises(ValueError, match="part must be"):
+        _run(tok, part=(2, 2), gather=list)
+
+
 def test_entropy_fn_adds_token_weighted_entropy(tok):
     seen = []
 

@@ -250,6 +250,29 @@ def test_cpu_offload_in_one_process_trains_like_the_plain_run(tmp_path):
         torch.testing.assert_close(plain[name], offloaded[name], atol=1e-5, rtol=1e-4)
 
 
+def test_engine_sleeps_through_the_update_and_wakes_before_the_sync(tmp_path):
+    """The colocated engine's memory is free while the trainer updates (sleep mode on GPUs):
+    generate, sleep, (pre-pass and update), wake_up, sync_weights, every step."""
+    trainer = Trainer(small_cfg(tmp_path, "eval.before=false"))
+    calls = []
+    engine = trainer.engine
+
+    class Recorder:
+        def __getattr__(self, name):
+            method = getattr(engine, name)
+
+            def record(*args, **kwargs):
+                calls.append(name)
+                return method(*args, **kwargs)
+
+            return record
+
+    trainer.engine = Recorder()
+    trainer.train_step(0)
+    trainer.train_step(1)
+    assert calls == ["generate", "sleep", "wake_up", "sync_weights"] * 2
+
+
 @pytest.mark.parametrize("where", ["shards", "rename"])
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
     trainer = Trainer(small_cfg(tmp_path, "train.steps=1", "eval.before=false"))

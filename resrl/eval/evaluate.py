@@ -192,6 +192,8 @@ def evaluate(
     batch_prompts: int = 64,
     entropy_fn: EntropyFn | None = None,
     progress: bool = False,
+    part: tuple[int, int] = (0, 1),
+    gather: Callable[[Any], list] | None = None,
 ) -> EvalResult:
     """Sample ``n`` responses per example, score them with the ``reward`` function and summarize.
 
@@ -199,6 +201,11 @@ def evaluate(
     maps a chunk's samples (problem-major, flat) to each sample's mean per-token entropy (e.g. from
     a forward pass of the policy); rows then carry ``entropy`` and the summary
     ``mean_token_entropy`` (token-weighted). ``progress`` prints one line per chunk to stderr.
+
+    Several processes: ``part=(rank, size)`` samples only the chunks of ``batch_prompts`` problems
+    whose index is ``rank`` modulo ``size``, and ``gather`` (every rank's object in rank order, e.g.
+    an all-gather) collects them; every rank returns the whole result, the same as one process
+    gives, since each chunk is seeded by its index alone.
     """
     if not isinstance(examples, list) or not examples:
         raise ValueError(f"examples must be a non-empty list of Example, got {examples!r:.80}")
@@ -211,6 +218,15 @@ def evaluate(
         raise ValueError(f"seed must be an int, got {seed!r}")
     if entropy_fn is not None and not callable(entropy_fn):
         raise TypeError(f"entropy_fn must be callable or None, got {type(entropy_fn).__name__}")
+    if (
+        not isinstance(part, tuple)
+        or len(part) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in part)
+        or not 0 <= part[0] < part[1]
+    ):
+        raise ValueError(f"part must be (rank, size) with 0 <= rank < size, got {part!r}")
+    if part[1] > 1 and not callable(gather):
+        raise ValueError(f"part={part} (several processes) needs a gather function")
     reward_fn = get_reward(reward)
     params = SamplingParams(
         n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
@@ -218,26 +234,33 @@ def evaluate(
     # Encoded up front so a prompt the tokenizer cannot take fails before any sampling.
     prompts_all = [encode_prompt(example, tokenizer) for example in examples]
 
-    rows: list[dict] = []
-    all_samples: list[Sample] = []
-    entropy: list[float] = []
+    rank, size = part
+    done: list[tuple[int, list[dict], list[Sample], list[float] | None]] = []
     start = time.perf_counter()
     for chunk, lo in enumerate(range(0, len(examples), batch_prompts)):
+        if chunk % size != rank:
+            continue
         batch = examples[lo : lo + batch_prompts]
         prompts = prompts_all[lo : lo + batch_prompts]
         chunk_params = dataclasses.replace(params, seed=chunk_seed(seed, chunk))
         out = _check_output(engine.generate(prompts, chunk_params), len(prompts), n, chunk)
         flat = [sample for samples in out for sample in samples]
         chunk_entropy = _entropies(entropy_fn, flat) if entropy_fn is not None else None
+        chunk_rows = []
         for i, (example, samples) in enumerate(zip(batch, out, strict=True)):
             row = _row(example, samples, tokenizer, reward_fn)
             if chunk_entropy is not None:
                 row["entropy"] = chunk_entropy[i * n : (i + 1) * n]
-            rows.append(row)
-        all_samples.extend(flat)
-        entropy.extend(chunk_entropy or [])
+            chunk_rows.append(row)
+        done.append((chunk, chunk_rows, flat, chunk_entropy))
         if progress:
             elapsed = time.perf_counter() - start
-            print(f"eval: {len(rows)}/{len(examples)} problems, {elapsed:.1f} s", file=sys.stderr, flush=True)
+            problems = min(lo + batch_prompts, len(examples))
+            print(f"eval: {problems}/{len(examples)} problems, {elapsed:.1f} s", file=sys.stderr, flush=True)
+    if size > 1:
+        done = sorted((item for got in gather(done) for item in got), key=lambda item: item[0])
+    rows = [row for _, chunk_rows, _, _ in done for row in chunk_rows]
+    all_samples = [sample for _, _, flat, _ in done for sample in flat]
+    entropy = [e for _, _, _, chunk_entropy in done for e in (chunk_entropy or [])]
     summary = _summary(rows, all_samples, entropy if entropy_fn is not None else None)
     return EvalResult(summary=summary, rows=rows)
