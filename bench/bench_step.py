@@ -204,7 +204,7 @@ def table(rows: list[dict]) -> str:
     lines = [f"{'path':<10} {'phase':<8} {'seconds':>8} {'tokens/s':>10} {'peak GiB':>9}"]
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"{row['path']:<10} {row.get('phase', ''):<8} {row['status'].upper():>8}")
+            lines.append(f"{row['path']:<10} {row.get('phase', ''):<8} {row['status'].upper()}")
             continue
         m = row["metrics"]
         for phase in PHASES:
@@ -268,15 +268,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
         )
         last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
-        if proc.returncode != 0 or not last or not last[0].startswith("{"):
-            raise SystemExit(f"bench path {path} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-        rows.append(json.loads(last[0]))
+        if proc.returncode == 0 and last and last[0].startswith("{"):
+            rows.append(json.loads(last[0]))
+            continue
+        # Killed (host out of memory: -9) or crashed: a row that says so, with the error's tail.
+        print(f"bench path {path} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        rows.append(
+            {
+                "model": args.model,
+                "path": path,
+                "offload": args.offload,
+                "status": "killed" if proc.returncode == -9 else f"failed (exit {proc.returncode})",
+                "error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "",
+            }
+        )
     env = environment(torch.device(args.device))
     for row in rows:
         row.update(env)
-    print(
-        f"{args.model}, {rows[0]['shape']['approx_tokens']} tokens/step, offload={args.offload}, {env['device']}"
-    )
+    tokens = args.prompts * args.n * (args.prompt_len + 0.75 * args.response_len)
+    print(f"{args.model}, ~{int(tokens)} tokens/step, offload={args.offload}, {env['device']}")
     print(table(rows))
     if args.record:
         print("recorded in", append_results("step.jsonl", rows))
