@@ -12,7 +12,7 @@ import torch
 import kernels
 
 ADVANTAGE_KINDS = ("grpo", "drgrpo", "reinforce")
-OBJECTIVES = ("grpo", "psr", "nsr", "w_reinforce", "resrl")
+OBJECTIVES = ("grpo", "psr", "nsr", "w_reinforce", "resrl", "ace")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
 # Added to the group std before dividing (ALGORITHMS.md §2).
@@ -116,6 +116,7 @@ def token_advantages(
     """Per-token advantage of each objective (ALGORITHMS.md §3 table): (adv [B, T] fp32, mask [B, T] bool).
 
     - grpo: seq_adv on every valid token.
+    - ace: the same (its sequence advantages were rescaled by `ace_advantages` beforehand).
     - psr: +1 on positives; negative responses dropped from the mask.
     - nsr: -1 on negatives; positive responses dropped from the mask.
     - w_reinforce: +w_lambda on positives, -1 on negatives.
@@ -137,7 +138,7 @@ def token_advantages(
         )
     pos_B1 = positive[:, None]
     adv_B1 = seq_adv.float()[:, None]
-    if objective == "grpo":
+    if objective in ("grpo", "ace"):
         adv_BT = adv_B1.expand(mask.shape)
     elif objective == "psr":
         adv_BT, mask = torch.ones(mask.shape, device=mask.device), mask & pos_B1
@@ -155,6 +156,36 @@ def token_advantages(
             )
         adv_BT = torch.where(pos_B1, float(pos_scale) * adv_B1, resrl_weight.float() * adv_B1)
     return torch.where(mask, adv_BT, 0.0).float(), mask
+
+
+def ace_advantages(
+    seq_adv: torch.Tensor,  # [B] float
+    seq_logprob: torch.Tensor,  # [B] float, log pi_theta(y_i | x): sum over the response
+    seq_ref_logprob: torch.Tensor,  # [B] float, log pi_ref(y_i | x)
+    *,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ACE (ALGORITHMS.md §6): negative advantages scaled up for overconfident errors.
+
+    c_i = log pi_theta(y_i|x) - log pi_ref(y_i|x); A~_i = A_i (1 + alpha softplus(c_i)) where
+    A_i < 0, A_i elsewhere. Returns (A~ [B] fp32, c [B] fp32). The log-probs carry no gradient.
+    """
+    _check_tensor("seq_adv", seq_adv, 1, "f")
+    _check_tensor("seq_logprob", seq_logprob, 1, "f")
+    _check_tensor("seq_ref_logprob", seq_ref_logprob, 1, "f")
+    if not seq_adv.shape == seq_logprob.shape == seq_ref_logprob.shape:
+        raise ValueError(
+            f"seq_adv {tuple(seq_adv.shape)}, seq_logprob {tuple(seq_logprob.shape)} and seq_ref_logprob "
+            f"{tuple(seq_ref_logprob.shape)} need the same length"
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha >= 0:
+        raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+    shift_B = (seq_logprob.detach().double() - seq_ref_logprob.detach().double()).float()
+    if not bool(torch.isfinite(shift_B).all()):
+        raise ValueError("ACE confidence shift is not finite: a log-prob is NaN or infinite")
+    scale_B = 1.0 + float(alpha) * torch.nn.functional.softplus(shift_B)
+    adv_B = seq_adv.float()
+    return torch.where(adv_B < 0, adv_B * scale_B, adv_B), shift_B
 
 
 # --------------------------------------------------------------------------- clipped surrogate

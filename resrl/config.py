@@ -153,7 +153,7 @@ class RolloutConfig:
 @dataclass
 class AlgorithmConfig:
     objective: str = "resrl"
-    """Per-token advantage: grpo, psr, nsr, w_reinforce or resrl (ALGORITHMS.md §3)."""
+    """Per-token advantage: grpo, psr, nsr, w_reinforce, resrl (ALGORITHMS.md §3) or ace (§6)."""
     advantage: str = "grpo"
     """Sequence advantage for grpo/resrl: grpo (z-score in the group), drgrpo (no std), reinforce."""
     reward: str = "math"
@@ -172,6 +172,9 @@ class AlgorithmConfig:
     """ResRL: xi_+, the factor on positive advantages."""
     w_lambda: float = 0.1
     """W-REINFORCE: lambda, the advantage of positive responses."""
+    ace_alpha: float = 1.0
+    """ACE: alpha, how much a negative response's confidence shift (log pi - log pi_ref over the
+    response, pi_ref the policy where RL started) scales its advantage up: A (1 + alpha softplus(c))."""
     eps_low: float = 0.2
     """Lower clip range of the ratio."""
     eps_high: float = 0.2
@@ -181,7 +184,8 @@ class AlgorithmConfig:
     agg: str = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (Dr.GRPO)."""
     kl_coef: float = 0.0
-    """Coefficient of the KL penalty to the initial policy (0: no reference model is kept)."""
+    """Coefficient of the KL penalty to the initial policy (0: no reference model is kept, unless
+    the objective is ace)."""
     kl_kind: str = "k3"
     """KL estimator: k1, k2 or k3."""
     entropy_coef: float = 0.0
@@ -221,7 +225,7 @@ class AlgorithmConfig:
             )
         if self.dual_clip is not None and not self.dual_clip > 1:
             _fail("algorithm.dual_clip", f"must be > 1 or null, got {self.dual_clip}")
-        for name in ("kl_coef", "entropy_coef", "pos_scale", "w_lambda", "tis_cap"):
+        for name in ("kl_coef", "entropy_coef", "pos_scale", "w_lambda", "tis_cap", "ace_alpha"):
             _at_least(f"algorithm.{name}", getattr(self, name), 0.0)
         if not 0 <= self.q_low < self.q_high <= 1:
             _fail("algorithm.q_low/q_high", f"need 0 <= q_low < q_high <= 1, got {self.q_low}, {self.q_high}")

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 from resrl import checkpoint
-from resrl.algorithms import group_advantages, group_seed, policy_loss, token_advantages, truncated_is
+from resrl.algorithms import (
+    ace_advantages,
+    group_advantages,
+    group_seed,
+    policy_loss,
+    token_advantages,
+    truncated_is,
+)
 from resrl.batch import RolloutBatch, responses_of
 from resrl.config import Config, ConfigError
 from resrl.distributed import (
@@ -174,7 +181,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg, world = self.cfg, self.world
-        if cfg.algorithm.kl_coef > 0 and self.ref_policy is None:
+        if self._uses_reference and self.ref_policy is None:
             self.ref_policy = self._reference_model()
         timings: dict[str, float] = {}
 
@@ -211,11 +218,13 @@ class Trainer:
             pad_id=self.pad_id,
             max_tokens=cfg.train.max_tokens_per_micro_batch if cfg.train.pack else 0,
             seed=_seed(cfg.run.seed, _RESRL, step),
-            need_old=n_updates > 1,
+            need_old=n_updates > 1 or cfg.algorithm.objective == "ace",
             ref_policy=self.ref_policy,
             world=world,
         )
         metrics.update(combine_prepass_metrics(found, world))
+        if cfg.algorithm.objective == "ace":
+            seq_adv = self._ace(batch, seq_adv, metrics, keep_old=n_updates > 1)
         t2 = time.perf_counter()
         peak("prepass")
         metrics.update(self.update(batch, seq_adv, step, [[position[p] for p in mb] for mb in plan]))
@@ -499,6 +508,34 @@ class Trainer:
             result.write(self.run_dir / "eval", name=tag)
         return result.summary
 
+    @property
+    def _uses_reference(self) -> bool:
+        """A frozen copy of the starting policy is kept for the KL term and for ACE."""
+        return self.cfg.algorithm.kl_coef > 0 or self.cfg.algorithm.objective == "ace"
+
+    def _ace(
+        self, batch: RolloutBatch, seq_adv: torch.Tensor, metrics: dict[str, float], *, keep_old: bool
+    ) -> torch.Tensor:
+        """ACE's sequence advantages from the pre-pass log-probs (policy at the step's start and
+        reference); the old log-probs stay for the loss only when later updates are off-policy."""
+        old = batch.token_values["old_logprob"] if keep_old else batch.token_values.pop("old_logprob")
+        seq_lp = torch.stack([lp.sum() for lp in old])
+        seq_ref = torch.stack([lp.sum() for lp in batch.token_values["ref_logprob"]])
+        out, shift = ace_advantages(seq_adv, seq_lp, seq_ref, alpha=self.cfg.algorithm.ace_alpha)
+        neg = seq_adv < 0
+        sums = sum_over_ranks(
+            {
+                "n": float(neg.sum()),
+                "shift": float(shift[neg].sum()),
+                "scale": float((out / seq_adv)[neg].sum()),
+            },
+            self.world,
+        )
+        if sums["n"]:
+            metrics["ace/shift_mean_neg"] = sums["shift"] / sums["n"]
+            metrics["ace/scale_mean_neg"] = sums["scale"] / sums["n"]
+        return out
+
     def _reference_model(self) -> Policy:
         """A frozen copy of the policy as RL starts (after any warm start), for the KL term: the
         same architecture, sharded like the policy under FSDP2 (each rank holds its share), saved
@@ -536,12 +573,13 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         frozen = None
-        if self.cfg.algorithm.kl_coef > 0:
+        if self._uses_reference:
             if not checkpoint.load_meta(path).get("has_reference"):
                 raise ConfigError(
-                    f"config algorithm.kl_coef={self.cfg.algorithm.kl_coef}: the checkpoint {path} has no "
-                    "KL reference model (it was saved with kl_coef=0); resume with algorithm.kl_coef=0 "
-                    "or start a new run"
+                    f"config algorithm.kl_coef={self.cfg.algorithm.kl_coef}, objective="
+                    f"{self.cfg.algorithm.objective}: the checkpoint {path} has no KL reference model "
+                    "(it was saved with kl_coef=0 and another objective than ace); resume with "
+                    "kl_coef=0 and that objective, or start a new run"
                 )
             self.ref_policy = self._reference_model()
             frozen = {"reference": self.ref_policy}

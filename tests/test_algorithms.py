@@ -13,6 +13,7 @@ from kernels.reference import (
     subspace_residual_reference,
 )
 from resrl.algorithms import (
+    ace_advantages,
     group_advantages,
     group_seed,
     kl_penalty,
@@ -488,3 +489,47 @@ def test_resrl_weights_edge_cases_and_bad_input():
         )
     with pytest.raises(TypeError, match="token_positive"):
         resrl_token_weights(hidden, torch.zeros(5, dtype=torch.long), torch.zeros(5))
+
+
+# --------------------------------------------------------------------------- ACE (§6)
+
+
+def test_ace_scales_only_negative_advantages_by_the_confidence_shift():
+    adv = torch.tensor([1.5, -0.5, -1.0, 0.0, -2.0])
+    lp = torch.tensor([-3.0, -2.0, -10.0, -1.0, -4.0])
+    ref = torch.tensor([-4.0, -3.0, -8.0, -1.0, -4.0])
+    out, shift = ace_advantages(adv, lp, ref, alpha=0.5)
+    torch.testing.assert_close(shift, lp - ref)
+    softplus = [math.log1p(math.exp(c)) for c in (lp - ref).tolist()]
+    expected = [
+        1.5,
+        -0.5 * (1 + 0.5 * softplus[1]),
+        -1.0 * (1 + 0.5 * softplus[2]),
+        0.0,
+        -2.0 * (1 + 0.5 * math.log(2)),
+    ]
+    torch.testing.assert_close(out, torch.tensor(expected))
+    # An overconfident error (shift +1) is pushed down harder than an underconfident one (-2).
+    assert out[1] / adv[1] > out[2] / adv[2] > 1
+    same, _ = ace_advantages(adv, lp, ref, alpha=0.0)
+    torch.testing.assert_close(same, adv)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alpha": -1.0}, "alpha must be a number >= 0"),
+        ({"seq_logprob": torch.zeros(2)}, "need the same length"),
+        ({"seq_ref_logprob": torch.tensor([0.0, float("-inf"), 0.0])}, "not finite"),
+    ],
+)
+def test_ace_rejects_bad_inputs(kwargs, match):
+    args = {
+        "seq_adv": torch.zeros(3),
+        "seq_logprob": torch.zeros(3),
+        "seq_ref_logprob": torch.zeros(3),
+        "alpha": 1.0,
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ace_advantages(args.pop("seq_adv"), args.pop("seq_logprob"), args.pop("seq_ref_logprob"), **args)

@@ -2,6 +2,7 @@
 resume, crash during a checkpoint save."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from small import SMALL_RUN
 from transformers import AutoModelForCausalLM
 
 from resrl import checkpoint
-from resrl.algorithms import resrl_token_weights
+from resrl.algorithms import group_advantages, resrl_token_weights
 from resrl.batch import RolloutBatch, responses_of
 from resrl.config import ConfigError, resolve
 from resrl.model import forward_logprobs
@@ -56,7 +57,7 @@ def test_fit_writes_run_directory(tmp_path):
     assert model.config.num_hidden_layers == 2
 
 
-@pytest.mark.parametrize("objective", ["grpo", "psr", "nsr", "w_reinforce"])
+@pytest.mark.parametrize("objective", ["grpo", "psr", "nsr", "w_reinforce", "ace"])
 def test_every_objective_trains(tmp_path, objective):
     cfg = small_cfg(tmp_path, f"algorithm.objective={objective}", "train.steps=1", "eval.before=false")
     Trainer(cfg).fit()
@@ -86,6 +87,23 @@ def _batch_with_mixed_groups(trainer, n_prompts=3, seed=0):
         truncated=torch.zeros(len(prompts), dtype=torch.bool),
         group=torch.tensor(groups),
     )
+
+
+def test_ace_rescales_negative_advantages_from_the_prepass_log_probs(tmp_path):
+    """ACE's first step: the policy is its own reference (shift 0), so every negative advantage is
+    scaled by 1 + alpha ln 2; one update per rollout keeps the loss on-policy (no old log-probs)."""
+    trainer = Trainer(small_cfg(tmp_path, "algorithm.objective=ace", "algorithm.ace_alpha=0.5"))
+    batch = _batch_with_mixed_groups(trainer, n_prompts=trainer.cfg.train.prompts_per_step)
+    trainer.rollout = lambda slots, step: batch
+    seen = {}
+    trainer.update = lambda b, adv, step, plan: seen.update(adv=adv, values=set(b.token_values)) or {}
+    metrics = trainer.train_step(0)
+    grpo = group_advantages(batch.rewards, batch.group, "grpo", batch.positive)
+    expected = torch.where(grpo < 0, grpo * (1 + 0.5 * math.log(2)), grpo)
+    torch.testing.assert_close(seen["adv"], expected)
+    assert seen["values"] == {"ref_logprob"}
+    assert metrics["ace/shift_mean_neg"] == 0.0
+    assert metrics["ace/scale_mean_neg"] == pytest.approx(1 + 0.5 * math.log(2))
 
 
 @pytest.mark.parametrize("layer", ["penultimate", "final"])
