@@ -38,6 +38,9 @@ class World:
 
 
 SINGLE = World()
+# NCCL for GPU tensors, gloo for CPU ones: with CPU offload the sharded parameters, gradients (for
+# the norm in gradient clipping) and the weights streamed to vLLM are CPU DTensors.
+_BACKEND_CUDA = "cpu:gloo,cuda:nccl"
 
 
 def init_world(device_name: str) -> World:
@@ -50,14 +53,14 @@ def init_world(device_name: str) -> World:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group(_BACKEND_CUDA if use_cuda else "gloo")
     return World(rank, size, local_rank)
 
 
 def init_single_group(device: torch.device) -> None:
     """A one-process group (in-memory store), for FSDP2 in a single process (CPU offload)."""
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = _BACKEND_CUDA if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
