@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,19 +19,13 @@ from resrl.algorithms import (
     ace_advantages,
     group_advantages,
     group_seed,
-    policy_loss,
-    token_advantages,
-    truncated_is,
 )
-from resrl.batch import RolloutBatch, responses_of
+from resrl.batch import RolloutBatch
 from resrl.config import Config, ConfigError
 from resrl.distributed import (
     Policy,
     all_gather_objects,
-    all_reduce_sum,
-    common_count,
     full_parameters,
-    idle_forward,
     init_single_group,
     init_world,
     shard,
@@ -50,6 +43,7 @@ from resrl.rewards import get_reward, length_scaled_reward
 from resrl.rollout import SamplingParams, build_engine
 from resrl.sft import solution_ids, warm_start
 from resrl.tracker import PeakMemory, Tracker
+from resrl.update import optimizer_step
 
 # Seed streams: each use of randomness draws from its own seed, derived from the run seed, so that
 # resuming (or evaluating more often) never changes what a later step samples.
@@ -346,116 +340,20 @@ class Trainer:
         return out
 
     def _optimizer_step(self, batch: RolloutBatch, idx: list[int], seq_adv: torch.Tensor, *, first: bool):
-        cfg, algo = self.cfg, self.cfg.algorithm
-        lengths = batch.response_lengths()
-        pos = batch.positive
-        if algo.objective == "psr":
-            kept = [i for i in idx if pos[i]]
-        elif algo.objective == "nsr":
-            kept = [i for i in idx if not pos[i]]
-        else:
-            kept = idx
-        # The divisors are global (all ranks): micro-batching and data parallelism never change the
-        # gradient. FSDP averages gradients over ranks, hence the factor world.size on the loss.
-        local = [float(lengths[kept].sum()) if kept else 0.0, float(sum(1 for i in kept if lengths[i] > 0))]
-        token_count, seq_count = all_reduce_sum(local, self.world, self.device)
-        if token_count == 0:
-            return {"optim/skipped_empty": 1.0}
-        scale = float(self.world.size)
-        self.policy.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        gap_sum = gap_n = 0.0
-        packed = cfg.train.pack
-        budget = cfg.train.max_tokens_per_micro_batch if packed else 0
-        chunks = batch.micro_batches(idx, cfg.train.micro_batch_size, budget)
-        for _ in range(common_count(len(chunks), self.world, self.device) - len(chunks)):
-            (0.0 * idle_forward(self.policy, self.pad_id, self.device)["logprob"].sum()).backward()
-        for mb in chunks:
-            t = batch.collate(mb, self.pad_id, self.device, packed=packed)
-            out = self.policy(
-                t["input_ids"],
-                t.get("attention_mask"),
-                position_ids=t.get("position_ids"),
-                temperature=cfg.rollout.temperature,
-                return_entropy=True,
-            )
-            logprob_bT = responses_of(out["logprob"], t)
-            adv_BT, mask_BT = token_advantages(
-                algo.objective,
-                seq_adv[mb].to(self.device),
-                t["positive"],
-                t["resp_mask"],
-                t.get("resrl_weight"),
-                pos_scale=algo.pos_scale,
-                w_lambda=algo.w_lambda,
-            )
-            if algo.tis_cap > 0:
-                adv_BT, tis_mean = truncated_is(
-                    adv_BT,
-                    mask_BT,
-                    t["sample_logprob"],
-                    logprob_bT.detach() if t.get("old_logprob") is None else t["old_logprob"],
-                    cap=algo.tis_cap,
-                )
-                sums["rollout/tis_weight_mean"] = sums.get("rollout/tis_weight_mean", 0.0) + tis_mean
-            loss, m = policy_loss(
-                logprob_bT,
-                t.get("old_logprob"),
-                adv_BT,
-                mask_BT,
-                eps_low=algo.eps_low,
-                eps_high=algo.eps_high,
-                dual_clip=algo.dual_clip,
-                agg=algo.agg,
-                token_count=token_count,
-                seq_count=seq_count,
-                norm_len=cfg.rollout.max_new_tokens,
-                ref_logprob=t.get("ref_logprob"),
-                kl_coef=algo.kl_coef,
-                kl_kind=algo.kl_kind,
-                entropy=responses_of(out["entropy"], t),
-                entropy_coef=algo.entropy_coef,
-            )
-            (loss * scale).backward()
-            if first:
-                with torch.no_grad():
-                    gap = (logprob_bT - t["sample_logprob"]).abs()
-                    gap_sum += float(torch.where(t["resp_mask"], gap, 0.0).sum())
-                    gap_n += float(t["resp_mask"].sum())
-            w = m.pop("valid_tokens")
-            sums["loss/pg"] = sums.get("loss/pg", 0.0) + m.pop("pg_loss")
-            for key in ("ratio_max", "ratio_min"):
-                value = m.pop(key)
-                if w:
-                    prev = sums.get(f"loss/{key}")
-                    sums[f"loss/{key}"] = (
-                        value if prev is None else (max if key == "ratio_max" else min)(prev, value)
-                    )
-            for key, value in m.items():
-                sums[f"loss/{key}"] = sums.get(f"loss/{key}", 0.0) + value * w
-            sums["_w"] = sums.get("_w", 0.0) + w
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(
-                f"step {self.step}: the gradient norm is {grad_norm}; lower optim.lr or check the data"
-            )
-        self.optimizer.step()
-        self.scheduler.step()
-        sums["_gap_sum"], sums["_gap_n"] = gap_sum, gap_n
-        sums = sum_over_ranks(sums, self.world)
-        w = sums.pop("_w", 0.0) or 1.0
-        gap_sum, gap_n = sums.pop("_gap_sum"), sums.pop("_gap_n")
-        out = {
-            k: (v if k in ("loss/pg", "loss/ratio_max", "loss/ratio_min") else v / w) for k, v in sums.items()
-        }
-        out["optim/grad_norm"] = grad_norm
-        if first and gap_n:
-            out["rollout/logprob_gap"] = gap_sum / gap_n
-        return out
+        return optimizer_step(
+            self.policy,
+            self.optimizer,
+            self.scheduler,
+            batch,
+            idx,
+            seq_adv,
+            self.cfg,
+            world=self.world,
+            device=self.device,
+            pad_id=self.pad_id,
+            first=first,
+            step=self.step,
+        )
 
     # ------------------------------------------------------------------ around the loop
 
