@@ -24,6 +24,7 @@ VARIANTS: dict[str, list[str]] = {
     "w_reinforce": ["algorithm.objective=w_reinforce"],
     "resrl": ["algorithm.objective=resrl", "algorithm.subspace_layer=penultimate"],
     "resrl-final": ["algorithm.objective=resrl", "algorithm.subspace_layer=final"],
+    "ace": ["algorithm.objective=ace"],
 }
 TABLE_KEYS = ("pass@1", "avg@", "maj@", "distinct_correct_solutions")
 
