@@ -315,3 +315,39 @@ def test_deferred_stop_check_path_keeps_logprobs_aligned(tok, model, monkeypatch
     for a, b in zip(flat(plain), flat(deferred), strict=True):
         assert a.response_ids == b.response_ids
         assert a.logprobs == b.logprobs
+
+
+def _stop_candidate(tok, sample):
+    """A position k >= 1 of a response whose token appears there first and is not EOS, or None."""
+    r = sample.response_ids
+    for k in range(1, len(r) - 1):
+        if r[k] not in r[:k] and r[k] != tok.eos_token_id:
+            return k
+    return None
+
+
+def test_extra_stop_ids_end_responses_like_eos(tok, model, prompts):
+    """A checkpoint's extra end-of-sequence id (Qwen3 lists two) ends a response, is kept in it
+    like EOS, and the response is not truncated; the log-probs before it are unchanged."""
+    from resrl.rollout import checkpoint_stop_ids
+
+    # One seeded sample (the same random stream draws the same tokens up to the stop), from the
+    # first seed whose response is long enough to stop early in.
+    for seed in range(50):
+        params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=seed)
+        (plain,) = HFEngine(model, tok).generate(prompts[:1], params)[0]
+        k = _stop_candidate(tok, plain)
+        if k is not None:
+            break
+    assert k is not None
+    stop = plain.response_ids[k]
+    (s,) = HFEngine(model, tok, stop_ids=[stop]).generate(prompts[:1], params)[0][:1]
+    assert s.response_ids == plain.response_ids[: k + 1] and not s.truncated
+    torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(plain.logprobs[: k + 1]))
+    assert s.text == tok.decode(plain.response_ids[:k], skip_special_tokens=True)
+    with pytest.raises(ValueError, match=r"stop id 999 is not a token id; accepted: ints in \[0, 55\)"):
+        HFEngine(model, tok, stop_ids=[999])
+    other = tiny(tok)
+    other.generation_config = GenerationConfig(eos_token_id=[stop, 10**6])
+    assert checkpoint_stop_ids(other) == [stop]
+    assert checkpoint_stop_ids(tiny(tok)) == []

@@ -354,3 +354,26 @@ def test_training_with_the_vllm_engine_under_torchrun(tmp_path):
         assert row["batch/rank_token_imbalance"] >= 1.0
     summary = json.loads((tmp_path / "v2" / "summary.json").read_text())
     assert "pass@1" in summary["eval_after"]
+
+
+def test_extra_stop_ids_end_responses_like_eos(engine, base, tok, model_dir, prompts):
+    """A checkpoint's extra end-of-sequence id ends a response (vLLM stop_token_ids), kept in it
+    like EOS, not truncated, with the same tokens and log-probs up to it."""
+    engine.sync_weights(base)
+    for seed in range(50):
+        params = SamplingParams(n=1, temperature=1.0, max_new_tokens=24, seed=seed)
+        plain = engine.generate(prompts[:1], params)[0][0]
+        r = plain.response_ids
+        k = next((k for k in range(1, len(r) - 1) if r[k] not in r[:k] and r[k] != tok.eos_token_id), None)
+        if k is not None:
+            break
+    assert k is not None
+    stopping = VLLMEngine(base, tok, model_dir=model_dir, max_model_len=MAX_LEN, stop_ids=[r[k]])
+    try:
+        s = stopping.generate(prompts[:1], params)[0][0]
+    finally:
+        stopping.close()
+    assert s.response_ids == r[: k + 1] and not s.truncated
+    torch.testing.assert_close(
+        torch.tensor(s.logprobs), torch.tensor(plain.logprobs[: k + 1]), atol=ATOL, rtol=0
+    )

@@ -18,11 +18,13 @@ ENGINES = ("hf", "vllm")
 class Sample:
     """One sampled response.
 
-    `response_ids` are the generated tokens, EOS included when the model emitted it (the policy must
-    learn to stop, so EOS is trained like any other token); padding is never included.
+    `response_ids` are the generated tokens, the stop token included when the model emitted one
+    (the tokenizer's EOS, or another end-of-sequence id the checkpoint's generation_config lists;
+    the policy must learn to stop, so it is trained like any other token); padding is never
+    included.
     `logprobs[t]` is the sampling log-prob of `response_ids[t]` under the distribution actually
     sampled from (logits / temperature, after top-p), in fp32. `truncated` is True when generation
-    hit `max_new_tokens` without EOS.
+    hit `max_new_tokens` without a stop token.
     """
 
     prompt_ids: list[int]
@@ -84,6 +86,37 @@ class RolloutEngine(Protocol):
         ...
 
 
+def checkpoint_stop_ids(model: torch.nn.Module) -> list[int]:
+    """The end-of-sequence ids a checkpoint's generation_config lists (Qwen3: <|im_end|> and
+    <|endoftext|>), within the vocabulary; the engines stop at these besides the tokenizer's EOS."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    if ids is None:
+        return []
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    vocab = model.get_input_embeddings().num_embeddings
+    return [int(i) for i in ids if isinstance(i, int) and 0 <= i < vocab]
+
+
+def check_stop_ids(eos_id: int, stop_ids, vocab_size: int) -> tuple[int, ...]:
+    """The tokenizer's EOS first, then the other `stop_ids` (deduplicated), validated."""
+    out = [eos_id]
+    for i in stop_ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+            raise ValueError(f"stop id {i!r} is not a token id; accepted: ints in [0, {vocab_size})")
+        if i not in out:
+            out.append(i)
+    return tuple(out)
+
+
+def first_stop(tokens: list[int], stop_ids: tuple[int, ...]) -> int:
+    """1 + the position of the first stop token in `tokens`, or 0 when there is none."""
+    for pos, token in enumerate(tokens):
+        if token in stop_ids:
+            return pos + 1
+    return 0
+
+
 def build_engine(
     name: str,
     model: torch.nn.Module,
@@ -102,7 +135,9 @@ def build_engine(
     if name == "hf":
         from resrl.rollout.hf import HFEngine
 
-        return HFEngine(model, tokenizer, max_batch_size=cfg.max_batch_size)
+        return HFEngine(
+            model, tokenizer, max_batch_size=cfg.max_batch_size, stop_ids=checkpoint_stop_ids(model)
+        )
     if name == "vllm":
         from resrl.rollout.vllm_engine import VLLMEngine
 
@@ -115,5 +150,6 @@ def build_engine(
             max_model_len=max_model_len,
             seed=seed,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
+            stop_ids=checkpoint_stop_ids(model),
         )
     raise ValueError(f"rollout engine {name!r} is not available; accepted: {', '.join(ENGINES)}")

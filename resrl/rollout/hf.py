@@ -14,7 +14,7 @@ step instead of `output_scores`' [steps, B, V] (80 GB for a 151k vocab, 256 rows
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from resrl.rollout import Sample, SamplingParams
+from resrl.rollout import Sample, SamplingParams, check_stop_ids, first_stop
 
 
 class _SampledLogprobs(LogitsProcessor):
@@ -91,7 +91,12 @@ class HFEngine:
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, max_batch_size: int = 256
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_batch_size: int = 256,
+        stop_ids: Sequence[int] = (),
     ) -> None:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
@@ -106,6 +111,9 @@ class HFEngine:
         self.max_batch_size = max_batch_size
         self.eos_id = int(eos)
         self.pad_id = self.eos_id if pad is None else int(pad)
+        # Responses end at the tokenizer's EOS or at any other `stop_ids` (a checkpoint's extra
+        # end-of-sequence ids); the stop token is kept in the response.
+        self.stop_ids = check_stop_ids(self.eos_id, stop_ids, model.get_input_embeddings().num_embeddings)
 
     def sync_weights(self, model: nn.Module) -> None:
         """The engine samples from `model` itself: nothing to copy; a different module is rebound."""
@@ -192,7 +200,7 @@ class HFEngine:
         config = GenerationConfig(
             **flags,
             max_new_tokens=params.max_new_tokens,
-            eos_token_id=self.eos_id,
+            eos_token_id=list(self.stop_ids),
             pad_token_id=self.pad_id,
             use_cache=True,
             num_beams=1,
@@ -220,14 +228,15 @@ class HFEngine:
         samples = []
         for b, prompt in enumerate(prompts):
             tokens = new_BG[b].tolist()
-            end = tokens.index(self.eos_id) + 1 if self.eos_id in tokens else len(tokens)
+            end = first_stop(tokens, self.stop_ids)
+            truncated = end == 0
+            end = end or len(tokens)
             logprobs = logp_BG[b, :end]
             if not torch.isfinite(logprobs).all():
                 raise RuntimeError(
                     "a sampled token has a non-finite log-prob: the recorded distribution is not the one "
                     "generate sampled from (a processor after ours?) or the model produced NaN logits"
                 )
-            truncated = self.eos_id not in tokens
             response = tokens[:end]
             text_ids = response if truncated else response[:-1]
             samples.append(

@@ -25,7 +25,7 @@ import gc
 import hashlib
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from resrl.rollout import Sample, SamplingParams
+from resrl.rollout import Sample, SamplingParams, check_stop_ids, first_stop
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Prefixes that wrappers (activation checkpointing, FSDP1, torch.compile) add to parameter names;
@@ -141,6 +141,7 @@ class VLLMEngine:
         max_model_len: int,
         seed: int = 0,
         gpu_memory_utilization: float = 0.5,
+        stop_ids: Sequence[int] = (),
         **llm_kwargs: Any,
     ) -> None:
         if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
@@ -175,6 +176,11 @@ class VLLMEngine:
         self._vllm = vllm
         self.tokenizer = tokenizer
         self.eos_id = int(eos)
+        # The tokenizer's EOS, then a checkpoint's other end-of-sequence ids (vLLM: stop_token_ids,
+        # kept in the output like EOS).
+        self.stop_ids = check_stop_ids(
+            self.eos_id, stop_ids, int(model.get_input_embeddings().num_embeddings)
+        )
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.max_model_len = max_model_len
         self.on_cpu = bool(current_platform.is_cpu())
@@ -319,6 +325,7 @@ class VLLMEngine:
                 top_p=1.0 if greedy else params.top_p,
                 max_tokens=params.max_new_tokens,
                 seed=_prompt_seed(params.seed, i),
+                stop_token_ids=list(self.stop_ids[1:]),
                 logprobs=0,
                 # Text is decoded below with the trainer's tokenizer, exactly as HFEngine does.
                 detokenize=False,
@@ -344,12 +351,13 @@ class VLLMEngine:
         if len(steps) != len(tokens):
             raise RuntimeError(f"vLLM returned {len(steps)} log-prob entries for {len(tokens)} tokens")
         logprobs = [step[t].logprob for step, t in zip(steps, tokens, strict=True)]
-        end = tokens.index(self.eos_id) + 1 if self.eos_id in tokens else len(tokens)
-        truncated = self.eos_id not in tokens
+        end = first_stop(tokens, self.stop_ids)
+        truncated = end == 0
+        end = end or len(tokens)
         if truncated and completion.finish_reason != "length":
             raise RuntimeError(
-                f"a response ended without EOS and with finish_reason={completion.finish_reason!r}; "
-                "expected 'length' (no stop strings or stop ids are set)"
+                f"a response ended without a stop token and with finish_reason={completion.finish_reason!r}; "
+                "expected 'length' (no stop strings are set)"
             )
         if not all(np.isfinite(logprobs[:end])):
             raise RuntimeError("a sampled token has a non-finite log-prob (NaN logits in the engine?)")
