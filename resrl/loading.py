@@ -114,13 +114,22 @@ def attention_implementation(name: str, device: torch.device) -> str:
     return name
 
 
-def load_model(cfg: Config, tokenizer, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
-    """The policy on `device` in `dtype` (default: model.dtype, where auto = bf16 on CUDA)."""
+def load_model(
+    cfg: Config,
+    tokenizer,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    compute_device: torch.device | None = None,
+) -> nn.Module:
+    """The policy on `device` in `dtype` (default: model.dtype, where auto = bf16 on CUDA).
+    `compute_device` (default `device`) is where it will run: it picks the attention kernel, and
+    differs from `device` when the weights are built on the CPU for FSDP2 offload."""
     m = cfg.model
+    compute_device = compute_device or device
     dtype = dtype or {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(m.dtype)
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    attn = attention_implementation(m.attn_implementation, device)
+        dtype = torch.bfloat16 if compute_device.type == "cuda" else torch.float32
+    attn = attention_implementation(m.attn_implementation, compute_device)
     if m.path is None:
         from resrl.model import build_qwen3
 

@@ -60,6 +60,7 @@ def prepass(
     need_old: bool,
     ref_policy: nn.Module | None = None,
     world: World = SINGLE,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """Fill batch.token_values with old_logprob (if need_old), ref_logprob (if ref_policy) and
     resrl_weight (objective resrl). Micro-batches hold `micro_batch_size` padded sequences, or are
@@ -67,7 +68,9 @@ def prepass(
     use_resrl = algo.objective == "resrl"
     if not (need_old or ref_policy is not None or use_resrl):
         return {}
-    device = next(policy.parameters()).device
+    # Where the forward computes: the parameters' device, unless given (CPU-offloaded shards live
+    # on the CPU while the forward runs on the GPU).
+    device = device or next(policy.parameters()).device
     b = len(batch)
     positive = batch.positive.tolist()
     group = batch.group.tolist()

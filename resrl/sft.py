@@ -41,12 +41,14 @@ def warm_start(
     seed: int,
     progress: bool = False,
     world: World = SINGLE,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """`cfg.steps` AdamW steps on random batches of (prompt, solution) pairs (each rank takes its
     share of every batch; FSDP averages the ranks' gradients). Returns loss metrics."""
     if cfg.batch_size < world.size:
         raise ValueError(f"sft.batch_size={cfg.batch_size} is smaller than the {world.size} processes")
-    device = next(policy.parameters()).device
+    # The compute device (CPU-offloaded shards live on the CPU): given, or the parameters'.
+    device = device or next(policy.parameters()).device
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)

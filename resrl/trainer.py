@@ -75,7 +75,12 @@ class Trainer:
         mixed = sharded and self.device.type == "cuda" and cfg.model.dtype != "float32"
         self._shard_kwargs = {"bf16": mixed, "offload": cfg.train.cpu_offload}
         self._master_dtype = torch.float32 if mixed else None
-        self.model = load_model(cfg, self.tokenizer, self.device, dtype=self._master_dtype)
+        # With CPU offload the model is built on the CPU and fully_shard moves only what belongs on
+        # the device, so the whole fp32 model never sits on the GPU.
+        self._load_device = torch.device("cpu") if cfg.train.cpu_offload else self.device
+        self.model = load_model(
+            cfg, self.tokenizer, self._load_device, dtype=self._master_dtype, compute_device=self.device
+        )
         self.policy = Policy(self.model)
         if sharded:
             shard(self.policy, **self._shard_kwargs)
@@ -215,6 +220,7 @@ class Trainer:
             need_old=n_updates > 1 or cfg.algorithm.objective == "ace",
             ref_policy=self.ref_policy,
             world=world,
+            device=self.device,
         )
         metrics.update(combine_prepass_metrics(found, world))
         if cfg.algorithm.objective == "ace":
@@ -370,6 +376,7 @@ class Trainer:
             seed=_seed(self.cfg.run.seed, _SFT),
             progress=self.cfg.run.progress and self.world.is_main,
             world=self.world,
+            device=self.device,
         )
         self.engine.sync_weights(self.model)
         return metrics
@@ -440,7 +447,15 @@ class Trainer:
         in checkpoints beside the policy."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-        ref = Policy(load_model(self.cfg, self.tokenizer, self.device, dtype=self._master_dtype))
+        ref = Policy(
+            load_model(
+                self.cfg,
+                self.tokenizer,
+                self._load_device,
+                dtype=self._master_dtype,
+                compute_device=self.device,
+            )
+        )
         if self.sharded:
             shard(ref, **self._shard_kwargs)
         ref.requires_grad_(False).eval()
