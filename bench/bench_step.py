@@ -108,15 +108,7 @@ def synthetic_rollout(trainer, args):
                 responses.append(torch.randint(0, vocab, (n,), generator=gen).tolist())
                 positive.append(j % 2 == 0)
                 groups.append(step * 1_000_000 + slot)
-        return RolloutBatch(
-            prompt_ids=prompts,
-            response_ids=responses,
-            sample_logprob=[torch.zeros(len(r)) for r in responses],
-            rewards=torch.tensor([1.0 if p else -1.0 for p in positive]),
-            positive=torch.tensor(positive),
-            truncated=torch.zeros(len(prompts), dtype=torch.bool),
-            group=torch.tensor(groups),
-        )
+        return RolloutBatch.scored(prompts, responses, positive, groups)
 
     return rollout
 

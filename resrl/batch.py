@@ -46,6 +46,29 @@ class RolloutBatch:
             group=torch.tensor(groups, dtype=torch.long),
         )
 
+    @classmethod
+    def scored(
+        cls,
+        prompt_ids: list[list[int]],
+        response_ids: list[list[int]],
+        positive: list[bool],
+        group: list[int],
+        sample_logprob: list[torch.Tensor] | None = None,
+    ) -> RolloutBatch:
+        """A batch from given responses (tests, benchmarks): reward +1 / -1 by `positive`, none
+        truncated, sampling log-probs 0 unless given."""
+        if sample_logprob is None:
+            sample_logprob = [torch.zeros(len(r)) for r in response_ids]
+        return cls(
+            prompt_ids=prompt_ids,
+            response_ids=response_ids,
+            sample_logprob=sample_logprob,
+            rewards=torch.tensor([1.0 if p else -1.0 for p in positive]),
+            positive=torch.tensor(positive, dtype=torch.bool),
+            truncated=torch.zeros(len(prompt_ids), dtype=torch.bool),
+            group=torch.tensor(group, dtype=torch.long),
+        )
+
     def __len__(self) -> int:
         return len(self.response_ids)
 

@@ -41,7 +41,7 @@ SMALL = [
 
 def fixed_batch(trainer: Trainer, slots: list[int]) -> RolloutBatch:
     """Deterministic responses for prompt slots 0..3; half of each group positive."""
-    prompts, responses, positive, groups, logprobs = [], [], [], [], []
+    prompts, responses, positive, groups = [], [], [], []
     for slot in slots:
         gen = torch.Generator().manual_seed(1000 + slot)
         for j in range(4):
@@ -50,16 +50,7 @@ def fixed_batch(trainer: Trainer, slots: list[int]) -> RolloutBatch:
             responses.append(torch.randint(4, 40, (n,), generator=gen).tolist())
             positive.append(j % 2 == 0)
             groups.append(slot)
-            logprobs.append(torch.zeros(n))
-    return RolloutBatch(
-        prompt_ids=prompts,
-        response_ids=responses,
-        sample_logprob=logprobs,
-        rewards=torch.tensor([1.0 if p else -1.0 for p in positive]),
-        positive=torch.tensor(positive),
-        truncated=torch.zeros(len(prompts), dtype=torch.bool),
-        group=torch.tensor(groups),
-    )
+    return RolloutBatch.scored(prompts, responses, positive, groups)
 
 
 def main() -> None:

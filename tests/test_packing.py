@@ -31,15 +31,8 @@ def random_batch(n=7, seed=0, vocab=50):
     prompts = [ids(1, 9) for _ in range(n)]
     responses = [ids(1, 13) for _ in range(n)]
     positive = [i % 2 == 0 for i in range(n)]
-    return RolloutBatch(
-        prompt_ids=prompts,
-        response_ids=responses,
-        sample_logprob=[torch.randn(len(r), generator=gen) for r in responses],
-        rewards=torch.tensor([1.0 if p else -1.0 for p in positive]),
-        positive=torch.tensor(positive),
-        truncated=torch.zeros(n, dtype=torch.bool),
-        group=torch.tensor([i // 4 for i in range(n)]),
-    )
+    logprobs = [torch.randn(len(r), generator=gen) for r in responses]
+    return RolloutBatch.scored(prompts, responses, positive, [i // 4 for i in range(n)], logprobs)
 
 
 @pytest.fixture

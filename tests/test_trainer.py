@@ -78,15 +78,7 @@ def _batch_with_mixed_groups(trainer, n_prompts=3, seed=0):
             responses.append(torch.randint(4, 40, (length,), generator=gen).tolist())
             positive.append(j < g // 2)
             groups.append(100 + slot)
-    return RolloutBatch(
-        prompt_ids=prompts,
-        response_ids=responses,
-        sample_logprob=[torch.zeros(len(r)) for r in responses],
-        rewards=torch.tensor([1.0 if p else -1.0 for p in positive]),
-        positive=torch.tensor(positive),
-        truncated=torch.zeros(len(prompts), dtype=torch.bool),
-        group=torch.tensor(groups),
-    )
+    return RolloutBatch.scored(prompts, responses, positive, groups)
 
 
 def test_ace_rescales_negative_advantages_from_the_prepass_log_probs(tmp_path):
