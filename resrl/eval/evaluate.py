@@ -191,7 +191,7 @@ def evaluate(
     reward: str = "math",
     batch_prompts: int = 64,
     entropy_fn: EntropyFn | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     part: tuple[int, int] = (0, 1),
     gather: Callable[[Any], list] | None = None,
 ) -> EvalResult:
@@ -200,7 +200,8 @@ def evaluate(
     A sample is correct when its reward is > 0 (wrong responses get 0). ``entropy_fn``, when given,
     maps a chunk's samples (problem-major, flat) to each sample's mean per-token entropy (e.g. from
     a forward pass of the policy); rows then carry ``entropy`` and the summary
-    ``mean_token_entropy`` (token-weighted). ``progress`` prints one line per chunk to stderr.
+    ``mean_token_entropy`` (token-weighted). ``progress`` prints one line per chunk to stderr,
+    starting with ``progress`` when it is a string (which evaluation), else with "eval".
 
     Several processes: ``part=(rank, size)`` samples only the chunks of ``batch_prompts`` problems
     whose index is ``rank`` modulo ``size``, and ``gather`` (every rank's object in rank order, e.g.
@@ -256,7 +257,10 @@ def evaluate(
         if progress:
             elapsed = time.perf_counter() - start
             problems = min(lo + batch_prompts, len(examples))
-            print(f"eval: {problems}/{len(examples)} problems, {elapsed:.1f} s", file=sys.stderr, flush=True)
+            label = progress if isinstance(progress, str) else "eval"
+            print(
+                f"{label}: {problems}/{len(examples)} problems, {elapsed:.1f} s", file=sys.stderr, flush=True
+            )
     if size > 1:
         done = sorted((item for got in gather(done) for item in got), key=lambda item: item[0])
     rows = [row for _, chunk_rows, _, _ in done for row in chunk_rows]
