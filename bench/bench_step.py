@@ -64,9 +64,15 @@ def reference_forward(
     return_entropy=False,
     subspace_layer=None,
     position_ids=None,
+    positions=None,
+    logprobs=True,
+    token_loss=None,
 ):
     """`forward_logprobs`'s contract computed the reference recipe's way: full logits in fp32 and
-    every layer's hidden states (hidden_states[-2] is the input of the last decoder layer)."""
+    every layer's hidden states (hidden_states[-2] is the input of the last decoder layer), on
+    every position; `positions` only picks the response rows out of them afterwards, and the
+    logits are computed even when `logprobs` is False (the recipe always computes them), and
+    `token_loss` is applied to the selected log-probs through autograd (the recipe's loss)."""
     from resrl.model import position_ids_from_mask
 
     if position_ids is None:
@@ -86,6 +92,14 @@ def reference_forward(
         sub = out.hidden_states[-2][:, :-1].detach()
     elif subspace_layer == "final":
         sub = out.hidden_states[-1][:, :-1].detach()
+    if positions is not None:
+        logprob = logprob.reshape(-1)[positions]
+        entropy = None if entropy is None else entropy.reshape(-1)[positions]
+        sub = None if sub is None else sub.reshape(-1, sub.shape[-1])[positions]
+    if token_loss is not None:
+        loss = token_loss(logprob, entropy, slice(0, logprob.shape[0]))
+        detached = None if entropy is None else entropy.detach()
+        return {"loss": loss, "logprob": logprob.detach(), "entropy": detached, "sub_hidden": sub}
     return {"logprob": logprob, "entropy": entropy, "sub_hidden": sub}
 
 

@@ -5,7 +5,8 @@ variable `RESRL_KERNEL_IMPL` (`triton` or `torch`) overrides the choice. Naive o
 `kernels.reference`.
 """
 
+from kernels.fused_loss import linear_logprob_loss
 from kernels.linear_logprob import linear_logprob
 from kernels.subspace import residual_weights, subspace_basis, subspace_residual
 
-__all__ = ["linear_logprob", "residual_weights", "subspace_basis", "subspace_residual"]
+__all__ = ["linear_logprob", "linear_logprob_loss", "residual_weights", "subspace_basis", "subspace_residual"]

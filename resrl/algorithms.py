@@ -2,7 +2,8 @@
 
 The math is ALGORITHMS.md §2-§4, followed exactly; departures are named where they occur. All
 functions take padded [B, T] response tensors (T = response positions) with a bool `mask` of valid
-tokens, except `resrl_token_weights`, which takes the valid tokens flattened to [N].
+tokens, except `resrl_token_weights` and `PolicyTokenLoss` (the loss of `policy_loss` as a sum over
+chunks of tokens, for the fused LM-head loss), which take the valid tokens flattened to [N].
 """
 
 from __future__ import annotations
@@ -223,23 +224,69 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "k3
     return torch.exp(-log_ratio) + log_ratio - 1.0
 
 
-def _aggregate(
-    value_BT: torch.Tensor,
+def aggregation_weights(
     mask_BT: torch.Tensor,
     agg: str,
     token_count: float | torch.Tensor,
     seq_count: float | torch.Tensor,
     norm_len: float,
 ) -> torch.Tensor:
-    """Sum of this micro-batch's share of the batch-level aggregate (divisors are global)."""
-    masked_BT = torch.where(mask_BT, value_BT, 0.0)
+    """Each token's weight in the batch-level aggregate: [B, T] fp32, 0 outside the mask, such that
+    the aggregate of per-token values l is sum(weight * l) (divisors are global, see policy_loss):
+    token-mean 1/token_count; seq-mean-token-mean 1/(n_i seq_count), n_i the valid tokens of row i;
+    seq-mean-token-sum-norm 1/(norm_len seq_count)."""
+    _check_choice("agg", agg, AGG_MODES)
+    ones_BT = mask_BT.float()
     if agg == "token-mean":
-        return masked_BT.sum() / token_count
+        return ones_BT / token_count
     if agg == "seq-mean-token-mean":
         # Rows without valid tokens contribute 0 (and are not counted in seq_count).
-        per_seq_B = masked_BT.sum(1) / mask_BT.sum(1).clamp_min(1)
-        return per_seq_B.sum() / seq_count
-    return masked_BT.sum() / (norm_len * seq_count)
+        return ones_BT / (mask_BT.sum(1, keepdim=True).clamp_min(1) * seq_count)
+    return ones_BT / (norm_len * seq_count)
+
+
+def _aggregate(value_BT: torch.Tensor, weight_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Sum of this micro-batch's share of the batch-level aggregate (`aggregation_weights`)."""
+    return (torch.where(mask_BT, value_BT, 0.0) * weight_BT).sum()
+
+
+def _check_loss_settings(eps_low: float, eps_high: float, dual_clip: float | None, kl_kind: str) -> None:
+    _check_choice("kl_kind", kl_kind, KL_KINDS)
+    if not (0.0 <= eps_low < 1.0) or not eps_high >= 0.0:
+        raise ValueError(
+            f"need 0 <= eps_low < 1 and eps_high >= 0; got eps_low={eps_low}, eps_high={eps_high}"
+        )
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
+
+
+def _clipped_surrogate(
+    lp: torch.Tensor,
+    old: torch.Tensor,
+    adv: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None,
+) -> dict[str, torch.Tensor]:
+    """Per-token clipped surrogate with dual clip (§3): the loss and what the metrics read."""
+    ratio = torch.exp((lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    neg = adv < 0
+    dual = torch.zeros_like(neg)
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        dual = neg & (loss > cap)
+        loss = torch.where(neg, torch.minimum(loss, cap), loss)
+    return {
+        "loss": loss,
+        "ratio": ratio,
+        "unclipped": unclipped,
+        "clipped": clipped,
+        "neg": neg,
+        "dual": dual,
+    }
 
 
 def policy_loss(
@@ -299,13 +346,7 @@ def policy_loss(
         if t is not None and t.shape != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected logprob's {tuple(shape)}")
     _check_choice("agg", agg, AGG_MODES)
-    _check_choice("kl_kind", kl_kind, KL_KINDS)
-    if not (0.0 <= eps_low < 1.0) or not eps_high >= 0.0:
-        raise ValueError(
-            f"need 0 <= eps_low < 1 and eps_high >= 0; got eps_low={eps_low}, eps_high={eps_high}"
-        )
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
+    _check_loss_settings(eps_low, eps_high, dual_clip, kl_kind)
     for name, value in (("token_count", token_count), ("seq_count", seq_count), ("norm_len", norm_len)):
         _check_positive(name, value)
     if kl_coef != 0.0 and ref_logprob is None:
@@ -317,24 +358,16 @@ def policy_loss(
     lp_BT = torch.where(mask, logprob.float(), 0.0)
     old_BT = lp_BT.detach() if old_logprob is None else torch.where(mask, old_logprob.float(), 0.0)
     adv_BT = torch.where(mask, adv.float(), 0.0)
-    log_ratio_BT = (lp_BT - old_BT).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio_BT = torch.exp(log_ratio_BT)
-    loss_unclipped_BT = -adv_BT * ratio_BT
-    loss_clipped_BT = -adv_BT * ratio_BT.clamp(1.0 - eps_low, 1.0 + eps_high)
-    loss_BT = torch.maximum(loss_unclipped_BT, loss_clipped_BT)
-    neg_BT = adv_BT < 0
-    dual_BT = torch.zeros_like(mask)
-    if dual_clip is not None:
-        cap_BT = -adv_BT * dual_clip
-        dual_BT = neg_BT & (loss_BT > cap_BT)
-        loss_BT = torch.where(neg_BT, torch.minimum(loss_BT, cap_BT), loss_BT)
+    terms = _clipped_surrogate(lp_BT, old_BT, adv_BT, eps_low, eps_high, dual_clip)
+    ratio_BT, loss_BT, neg_BT, dual_BT = terms["ratio"], terms["loss"], terms["neg"], terms["dual"]
 
     if token_count is None:
         token_count = mask.sum().clamp_min(1)
     if seq_count is None:
         seq_count = mask.any(1).sum().clamp_min(1)
     norm = float(shape[1] if norm_len is None else norm_len)
-    pg_loss = _aggregate(loss_BT, mask, agg, token_count, seq_count, norm)
+    weight_BT = aggregation_weights(mask, agg, token_count, seq_count, norm)
+    pg_loss = _aggregate(loss_BT, weight_BT, mask)
     loss = pg_loss
 
     n_valid = mask.sum()
@@ -352,7 +385,7 @@ def policy_loss(
             ratio_max = ratio_min = ratio_d.new_zeros(())
         metric_tensors = {
             "pg_loss": pg_loss.detach(),
-            "pg_clipfrac": local_mean((loss_clipped_BT > loss_unclipped_BT).float()),
+            "pg_clipfrac": local_mean((terms["clipped"] > terms["unclipped"]).float()),
             "pg_clipfrac_high": local_mean(((adv_BT > 0) & (ratio_d > 1.0 + eps_high)).float()),
             "pg_clipfrac_low": local_mean((neg_BT & (ratio_d < 1.0 - eps_low)).float()),
             "dual_clipfrac": local_mean(dual_BT.float()),
@@ -364,12 +397,12 @@ def policy_loss(
     if ref_logprob is not None:
         kl_BT = kl_penalty(lp_BT, torch.where(mask, ref_logprob.float(), 0.0), kl_kind)
         if kl_coef != 0.0:
-            loss = loss + kl_coef * _aggregate(kl_BT, mask, agg, token_count, seq_count, norm)
+            loss = loss + kl_coef * _aggregate(kl_BT, weight_BT, mask)
         metric_tensors["kl"] = local_mean(kl_BT)
     if entropy is not None:
         entropy = torch.where(mask, entropy.float(), 0.0)
         if entropy_coef != 0.0:
-            loss = loss - entropy_coef * _aggregate(entropy.float(), mask, agg, token_count, seq_count, norm)
+            loss = loss - entropy_coef * _aggregate(entropy, weight_BT, mask)
         metric_tensors["entropy"] = local_mean(entropy)
     metric_tensors["valid_tokens"] = n_valid.float()
     values = torch.stack([v.reshape(()).float() for v in metric_tensors.values()]).tolist()
@@ -378,6 +411,77 @@ def policy_loss(
         # No valid token: the masked max/min are +-inf, not a ratio.
         metrics["ratio_max"] = metrics["ratio_min"] = 0.0
     return loss, metrics
+
+
+class PolicyTokenLoss:
+    """`policy_loss` as a sum over tokens, for `kernels.linear_logprob_loss`: called on a chunk of
+    the M response tokens of a micro-batch (their log-probs and entropies, `rows` the chunk's
+    slice), it returns that chunk's share of the loss, so the chunks' values add up to the loss
+    `policy_loss` gives on the same tokens (tested).
+
+    Per token: weight * (l + kl_coef k - entropy_coef H), l the clipped surrogate with dual clip
+    (§3), k the KL estimator against `ref_logprob`, H the entropy, and weight the token's share of
+    the aggregate (`aggregation_weights`: the global divisors fold in here, and 0 drops a token).
+    With `tis_cap` > 0 the advantage is first scaled by min(pi_old / pi_engine, cap)
+    (`truncated_is`; pi_old the current log-prob, detached, when `old_logprob` is None).
+
+    All per-token inputs are flat [M] (the response layout at `resp_mask`, sequence by sequence).
+    """
+
+    def __init__(
+        self,
+        adv: torch.Tensor,  # [M]
+        weight: torch.Tensor,  # [M], from aggregation_weights
+        *,
+        old_logprob: torch.Tensor | None = None,  # [M]; None: on-policy
+        ref_logprob: torch.Tensor | None = None,  # [M]
+        sample_logprob: torch.Tensor | None = None,  # [M], needed when tis_cap > 0
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        dual_clip: float | None = 3.0,
+        kl_coef: float = 0.0,
+        kl_kind: str = "k3",
+        entropy_coef: float = 0.0,
+        tis_cap: float = 0.0,
+    ) -> None:
+        _check_tensor("adv", adv, 1, "f")
+        _check_tensor("weight", weight, 1, "f")
+        m = adv.shape[0]
+        named = {"weight": weight, "old_logprob": old_logprob, "ref_logprob": ref_logprob}
+        named["sample_logprob"] = sample_logprob
+        for name, t in named.items():
+            if t is not None:
+                _check_tensor(name, t, 1, "f")
+                if t.shape[0] != m:
+                    raise ValueError(f"{name} has {t.shape[0]} entries; expected adv's {m}")
+        _check_loss_settings(eps_low, eps_high, dual_clip, kl_kind)
+        if kl_coef != 0.0 and ref_logprob is None:
+            raise ValueError(f"kl_coef={kl_coef} needs ref_logprob [M]")
+        if tis_cap < 0 or (tis_cap > 0 and sample_logprob is None):
+            raise ValueError(f"tis_cap={tis_cap} must be >= 0 and needs sample_logprob [M] when > 0")
+        self.adv, self.weight = adv.float(), weight.float()
+        self.old = None if old_logprob is None else old_logprob.float()
+        self.ref = None if ref_logprob is None else ref_logprob.float()
+        self.sample = None if sample_logprob is None else sample_logprob.float()
+        self.eps_low, self.eps_high, self.dual_clip = eps_low, eps_high, dual_clip
+        self.kl_coef, self.kl_kind, self.entropy_coef, self.tis_cap = kl_coef, kl_kind, entropy_coef, tis_cap
+
+    def __call__(self, logprob_C: torch.Tensor, entropy_C: torch.Tensor | None, rows: slice) -> torch.Tensor:
+        if self.entropy_coef != 0.0 and entropy_C is None:
+            raise ValueError(f"entropy_coef={self.entropy_coef} needs the entropies (with_entropy=True)")
+        # float64 stays float64 (a ground truth in tests); lower precisions compute in fp32.
+        lp = logprob_C.to(torch.promote_types(logprob_C.dtype, torch.float32))
+        old = lp.detach() if self.old is None else self.old[rows]
+        adv = self.adv[rows]
+        if self.tis_cap > 0:
+            log_w = (old.detach() - self.sample[rows]).clamp(max=20.0)
+            adv = adv * log_w.exp().clamp(max=self.tis_cap)
+        loss = _clipped_surrogate(lp, old, adv, self.eps_low, self.eps_high, self.dual_clip)["loss"]
+        if self.kl_coef != 0.0:
+            loss = loss + self.kl_coef * kl_penalty(lp, self.ref[rows], self.kl_kind)
+        if self.entropy_coef != 0.0:
+            loss = loss - self.entropy_coef * entropy_C.to(lp.dtype)
+        return (loss * self.weight[rows]).sum()
 
 
 # --------------------------------------------------------------------------- §4 ResRL weights

@@ -2,9 +2,10 @@
 
 Per-token values (sampling, old and reference log-probs, ResRL weights) are stored per sequence as
 1-D tensors over the response tokens. A micro-batch is either padded ([b, L] with an attention mask)
-or packed (one row, positions restarting per sequence, no padding); either way the model's
-outputs are gathered into one "response layout" [b, T] (`responses_of`), where losses, pre-pass
-and metrics are computed, so no phase depends on how another phase batched.
+or packed (one row, positions restarting per sequence, no padding). The LM head scores only the
+response rows (`positions`); `responses_from_rows` puts its outputs into one "response layout"
+[b, T] (`responses_of` does the same from every position's output), where losses, pre-pass and
+metrics are computed, so no phase depends on how another phase batched.
 """
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ class RolloutBatch:
         longest response) holds the flat position in the model's [rows * (L-1)] logprob output that
         scores each response token, `resp_mask` [b, T] marks real tokens, and every per-token value
         present (sample/old/ref log-probs, ResRL weights) is [b, T]; plus rewards and positive [b].
+        `positions` [M] (M response tokens) is `index` at the real tokens, sequence by sequence:
+        the only rows the LM head needs (`forward_logprobs(..., positions=...)`, then
+        `responses_from_rows` back to [b, T]).
         """
         prompts = [self.prompt_ids[i] for i in idx]
         responses = [self.response_ids[i] for i in idx]
@@ -161,6 +165,7 @@ class RolloutBatch:
         resp_bT = offsets_T[None, :] < lengths[:, None]
         out["resp_mask"] = resp_bT
         out["index"] = torch.where(resp_bT, torch.tensor(starts)[:, None] + offsets_T, 0)
+        out["positions"] = out["index"][resp_bT]
         values = {"sample_logprob": self.sample_logprob, **self.token_values}
         for name, per_seq in values.items():
             t_bT = torch.zeros(len(idx), t_max, dtype=torch.float32)
@@ -177,6 +182,20 @@ def responses_of(values_RT: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.T
     response layout of `collate` ([b, T] or [b, T, D]); differentiable."""
     flat = values_RT.reshape(-1, *values_RT.shape[2:])
     return flat[t["index"]]
+
+
+def responses_from_rows(values_M: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Values of the response rows only ([M] or [M, D], in the order of collate's `positions`)
+    placed into the response layout [b, T] (or [b, T, D]), 0 at padding; differentiable."""
+    mask_bT = t["resp_mask"]
+    if values_M.shape[0] != t["positions"].shape[0]:
+        raise ValueError(
+            f"values have {values_M.shape[0]} rows but the micro-batch has {t['positions'].shape[0]} "
+            "response tokens"
+        )
+    out = values_M.new_zeros(*mask_bT.shape, *values_M.shape[1:])
+    out[mask_bT] = values_M
+    return out
 
 
 def pack_sequences(

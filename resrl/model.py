@@ -142,6 +142,9 @@ def forward_logprobs(
     return_entropy: bool = False,
     subspace_layer: str | None = None,
     position_ids: torch.Tensor | None = None,  # [B, L]
+    positions: torch.Tensor | None = None,  # [M] int64, into the [B * (L-1)] logprob layout
+    logprobs: bool = True,
+    token_loss: kernels.fused_loss.TokenLoss | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Log-prob of each next token under the model, without logits.
 
@@ -156,9 +159,22 @@ def forward_logprobs(
     (a block-causal mask with SDPA, varlen with flash-attn). The position scoring the first token
     of the next sequence is meaningless; callers never select it.
 
+    Only the rows that count (`positions`): the flat positions, in the [B * (L-1)] layout above,
+    whose scores the caller uses (the response tokens, `RolloutBatch.collate`'s "positions"). The
+    LM head then runs on those M rows alone, never on prompt or padding rows, and logprob and
+    entropy are [M], sub_hidden [M, D], in the order of `positions`. `logprobs=False` skips the
+    LM head altogether (logprob and entropy None): the pre-pass of an on-policy ResRL update wants
+    only the hidden states.
+
+    The loss inside the LM-head pass (`token_loss`, with `positions`): the per-token loss of
+    `kernels.linear_logprob_loss` over the M rows (e.g. `resrl.algorithms.PolicyTokenLoss`), its
+    gradient formed chunk by chunk while the logits exist. Adds "loss" (0-dim fp32,
+    differentiable w.r.t. the trunk and the LM head); logprob and entropy ([M]; entropy when
+    `return_entropy`) then come back detached, for metrics.
+
     Runs `model.model` (the trunk) with position ids from the attention-mask cumsum, then
-    `kernels.linear_logprob` on `model.lm_head.weight` (tied or not). Gradients flow to the trunk
-    and the LM head through logprob and entropy.
+    `kernels.linear_logprob` (or `linear_logprob_loss`) on `model.lm_head.weight` (tied or not).
+    Gradients flow to the trunk and the LM head through logprob and entropy (or the loss).
     """
     if (
         not isinstance(input_ids, torch.Tensor)
@@ -186,6 +202,24 @@ def forward_logprobs(
     b, seq_len = input_ids.shape
     if seq_len < 2:
         raise ValueError(f"input_ids has L={seq_len}; need L >= 2 (position t predicts token t + 1)")
+    if positions is not None and (
+        not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.dtype != torch.int64
+    ):
+        raise ValueError(
+            f"positions must be an int64 tensor [M] of flat logprob-layout positions, got "
+            f"{getattr(positions, 'shape', positions)}"
+        )
+    if positions is not None and positions.numel():
+        lo, hi = torch.stack([positions.min(), positions.max()]).tolist()
+        if lo < 0 or hi >= b * (seq_len - 1):
+            raise ValueError(
+                f"positions must lie in [0, B * (L-1)) = [0, {b * (seq_len - 1)}) for input_ids "
+                f"[{b}, {seq_len}], got [{lo}, {hi}]"
+            )
+    if token_loss is not None and (positions is None or not logprobs):
+        raise ValueError("token_loss needs positions (the rows the loss covers) and logprobs=True")
+    if not logprobs and positions is None:
+        raise ValueError("logprobs=False needs positions (the rows whose hidden states are wanted)")
     if subspace_layer not in SUBSPACE_LAYERS:
         raise ValueError(f"subspace_layer={subspace_layer!r} is not supported; use one of {SUBSPACE_LAYERS}")
     trunk = _trunk(model)
@@ -208,18 +242,43 @@ def forward_logprobs(
     hidden_BLD = out.last_hidden_state
     weight_VD = lm_head.weight
     d = hidden_BLD.shape[-1]
-    hidden_ND = hidden_BLD[:, :-1].reshape(-1, d).to(weight_VD.dtype)
-    target_N = input_ids[:, 1:].reshape(-1).long()
-    logprob_N, entropy_N = kernels.linear_logprob(
-        hidden_ND, weight_VD, target_N, temperature=temperature, return_entropy=return_entropy
-    )
+    if positions is None:
+        hidden_ND = hidden_BLD[:, :-1].reshape(-1, d).to(weight_VD.dtype)
+        target_N = input_ids[:, 1:].reshape(-1).long()
+        logprob_N, entropy_N = kernels.linear_logprob(
+            hidden_ND, weight_VD, target_N, temperature=temperature, return_entropy=return_entropy
+        )
+        sub_hidden = None
+        if subspace_layer == "final":
+            sub_hidden = hidden_BLD[:, :-1].detach()
+        elif capture is not None:
+            sub_hidden = capture.hidden[:, :-1]
+        return {
+            "logprob": logprob_N.view(b, seq_len - 1),
+            "entropy": None if entropy_N is None else entropy_N.view(b, seq_len - 1),
+            "sub_hidden": sub_hidden,
+        }
+
+    # Position p of the [B, L-1] layout is (p // (L-1), p % (L-1)): flat index p + p // (L-1) of
+    # the [B, L] layout, which the contiguous trunk output is read at without a copy of it.
+    positions = positions.to(hidden_BLD.device)
+    flat_M = positions + positions // (seq_len - 1)
+    hidden_MD = hidden_BLD.reshape(-1, d)[flat_M].to(weight_VD.dtype)
+    target_M = input_ids.reshape(-1)[flat_M + 1].long()
+    result: dict[str, torch.Tensor | None] = {}
+    logprob_M = entropy_M = None
+    if token_loss is not None:
+        result["loss"], logprob_M, entropy_M = kernels.linear_logprob_loss(
+            hidden_MD, weight_VD, target_M, token_loss, temperature=temperature, with_entropy=return_entropy
+        )
+    elif logprobs:
+        logprob_M, entropy_M = kernels.linear_logprob(
+            hidden_MD, weight_VD, target_M, temperature=temperature, return_entropy=return_entropy
+        )
     sub_hidden = None
     if subspace_layer == "final":
-        sub_hidden = hidden_BLD[:, :-1].detach()
+        sub_hidden = hidden_BLD.reshape(-1, d)[flat_M].detach()
     elif capture is not None:
-        sub_hidden = capture.hidden[:, :-1]
-    return {
-        "logprob": logprob_N.view(b, seq_len - 1),
-        "entropy": None if entropy_N is None else entropy_N.view(b, seq_len - 1),
-        "sub_hidden": sub_hidden,
-    }
+        sub_hidden = capture.hidden.reshape(-1, d)[flat_M]
+    result.update({"logprob": logprob_M, "entropy": entropy_M, "sub_hidden": sub_hidden})
+    return result

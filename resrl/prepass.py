@@ -15,7 +15,7 @@ from torch import nn
 
 import kernels
 from resrl.algorithms import group_seed
-from resrl.batch import RolloutBatch, responses_of
+from resrl.batch import RolloutBatch
 from resrl.config import AlgorithmConfig
 from resrl.distributed import SINGLE, World, common_count, idle_forward
 
@@ -98,30 +98,35 @@ def prepass(
         mb = batch.collate(idx, pad_id, device, packed=max_tokens > 0)
         wants_hidden = any(group[i] in mixed for i in idx)
         inputs = (mb["input_ids"], mb.get("attention_mask"))
+        # Response rows only: outputs are [M] (or [M, D]), sequence after sequence.
+        lengths = [len(batch.response_ids[i]) for i in idx]
         out = policy(
             *inputs,
             position_ids=mb.get("position_ids"),
+            positions=mb["positions"],
             temperature=temperature,
             subspace_layer=algo.subspace_layer if wants_hidden else None,
+            # The LM head only when old log-probs are wanted (ResRL alone needs the trunk).
+            logprobs=need_old,
         )
-        resp_bT = mb["resp_mask"]
         if need_old:
-            lp_bT = responses_of(out["logprob"], mb).cpu()
-            for row, i in enumerate(idx):
-                old[i] = lp_bT[row][resp_bT[row].cpu()]
+            for i, lp in zip(idx, out["logprob"].cpu().split(lengths), strict=True):
+                old[i] = lp
         if ref_policy is not None:
-            ref_out = ref_policy(*inputs, position_ids=mb.get("position_ids"), temperature=temperature)
-            lp_bT = responses_of(ref_out["logprob"], mb).cpu()
-            for row, i in enumerate(idx):
-                ref[i] = lp_bT[row][resp_bT[row].cpu()]
+            ref_out = ref_policy(
+                *inputs,
+                position_ids=mb.get("position_ids"),
+                positions=mb["positions"],
+                temperature=temperature,
+            )
+            for i, lp in zip(idx, ref_out["logprob"].cpu().split(lengths), strict=True):
+                ref[i] = lp
         if not wants_hidden:
             continue
-        hidden_bTD = responses_of(out["sub_hidden"], mb)
         neg_rows, neg_chunks = [], []
-        for row, i in enumerate(idx):
+        for i, tokens_RD in zip(idx, out["sub_hidden"].split(lengths), strict=True):
             if group[i] not in mixed:
                 continue
-            tokens_RD = hidden_bTD[row][resp_bT[row]]
             if positive[i]:
                 pools.setdefault(group[i], []).append(tokens_RD)
             else:

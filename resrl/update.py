@@ -1,5 +1,11 @@
 """One optimizer step of the RL update: micro-batched forward/backward with global loss divisors,
-gradient clipping, the optimizer and schedule steps, and the step's metrics."""
+gradient clipping, the optimizer and schedule steps, and the step's metrics.
+
+Each micro-batch's loss is formed inside the LM-head pass (`kernels.linear_logprob_loss` through
+`forward_logprobs(token_loss=...)`) on its response rows only: `policy_loss` restated per token
+(`PolicyTokenLoss`, the global divisors folded into per-token weights), so no prompt or padding
+row reaches the LM head and its backward does not recompute the logits. The metrics come from the
+detached log-probs through `policy_loss` itself."""
 
 from __future__ import annotations
 
@@ -8,8 +14,8 @@ import math
 import torch
 from torch import nn
 
-from resrl.algorithms import policy_loss, token_advantages, truncated_is
-from resrl.batch import RolloutBatch, responses_of
+from resrl.algorithms import PolicyTokenLoss, aggregation_weights, policy_loss, token_advantages, truncated_is
+from resrl.batch import RolloutBatch, responses_from_rows
 from resrl.config import Config
 from resrl.distributed import World, all_reduce_sum, common_count, idle_forward
 from resrl.ranks import sum_over_ranks
@@ -60,51 +66,73 @@ def optimizer_step(
         (0.0 * idle_forward(policy, pad_id, device)["logprob"].sum()).backward()
     for mb in chunks:
         t = batch.collate(mb, pad_id, device, packed=packed)
-        out = policy(
-            t["input_ids"],
-            t.get("attention_mask"),
-            position_ids=t.get("position_ids"),
-            temperature=cfg.rollout.temperature,
-            return_entropy=True,
-        )
-        logprob_bT = responses_of(out["logprob"], t)
+        resp_bT = t["resp_mask"]
         adv_BT, mask_BT = token_advantages(
             algo.objective,
             seq_adv[mb].to(device),
             t["positive"],
-            t["resp_mask"],
+            resp_bT,
             t.get("resrl_weight"),
             pos_scale=algo.pos_scale,
             w_lambda=algo.w_lambda,
         )
-        if algo.tis_cap > 0:
-            adv_BT, tis_mean = truncated_is(
-                adv_BT,
-                mask_BT,
-                t["sample_logprob"],
-                logprob_bT.detach() if t.get("old_logprob") is None else t["old_logprob"],
-                cap=algo.tis_cap,
-            )
-            sums["rollout/tis_weight_mean"] = sums.get("rollout/tis_weight_mean", 0.0) + tis_mean
-        loss, m = policy_loss(
-            logprob_bT,
-            t.get("old_logprob"),
-            adv_BT,
-            mask_BT,
+        old_bT, ref_bT = t.get("old_logprob"), t.get("ref_logprob")
+        weight_BT = aggregation_weights(mask_BT, algo.agg, token_count, seq_count, cfg.rollout.max_new_tokens)
+        # The loss inside the LM-head pass, on the response rows only: policy_loss written per token.
+        token_loss = PolicyTokenLoss(
+            adv_BT[resp_bT],
+            weight_BT[resp_bT],
+            old_logprob=None if old_bT is None else old_bT[resp_bT],
+            ref_logprob=None if ref_bT is None else ref_bT[resp_bT],
+            sample_logprob=t["sample_logprob"][resp_bT],
             eps_low=algo.eps_low,
             eps_high=algo.eps_high,
             dual_clip=algo.dual_clip,
-            agg=algo.agg,
-            token_count=token_count,
-            seq_count=seq_count,
-            norm_len=cfg.rollout.max_new_tokens,
-            ref_logprob=t.get("ref_logprob"),
             kl_coef=algo.kl_coef,
             kl_kind=algo.kl_kind,
-            entropy=responses_of(out["entropy"], t),
             entropy_coef=algo.entropy_coef,
+            tis_cap=algo.tis_cap,
         )
-        (loss * scale).backward()
+        out = policy(
+            t["input_ids"],
+            t.get("attention_mask"),
+            position_ids=t.get("position_ids"),
+            positions=t["positions"],
+            temperature=cfg.rollout.temperature,
+            return_entropy=True,
+            token_loss=token_loss,
+        )
+        (out["loss"] * scale).backward()
+        # Metrics from the detached log-probs, through the policy_loss the per-token loss restates.
+        logprob_bT = responses_from_rows(out["logprob"], t)
+        with torch.no_grad():
+            if algo.tis_cap > 0:
+                adv_BT, tis_mean = truncated_is(
+                    adv_BT,
+                    mask_BT,
+                    t["sample_logprob"],
+                    logprob_bT if old_bT is None else old_bT,
+                    cap=algo.tis_cap,
+                )
+                sums["rollout/tis_weight_mean"] = sums.get("rollout/tis_weight_mean", 0.0) + tis_mean
+            _, m = policy_loss(
+                logprob_bT,
+                old_bT,
+                adv_BT,
+                mask_BT,
+                eps_low=algo.eps_low,
+                eps_high=algo.eps_high,
+                dual_clip=algo.dual_clip,
+                agg=algo.agg,
+                token_count=token_count,
+                seq_count=seq_count,
+                norm_len=cfg.rollout.max_new_tokens,
+                ref_logprob=ref_bT,
+                kl_coef=algo.kl_coef,
+                kl_kind=algo.kl_kind,
+                entropy=responses_from_rows(out["entropy"], t),
+                entropy_coef=algo.entropy_coef,
+            )
         if first:
             with torch.no_grad():
                 gap = (logprob_bT - t["sample_logprob"]).abs()

@@ -1,0 +1,183 @@
+"""LM-head FLOPs of one RL step, before and after issue 13, from the batch shapes the trainer sees.
+
+The LM head (logits = h·Wᵀ over a V-word vocabulary, D wide) costs 2·V·D FLOPs per row and pass.
+Per step it runs in:
+
+- the pre-pass: one forward per row of the policy (before: always, on every position of every
+  micro-batch, prompt and padding included; after: only on response rows, and only when the
+  update needs old log-probs) and of the KL reference when there is one;
+- the update: forward + backward per row of every micro-batch of every optimizer step: 8·V·D
+  when the backward recomputes the logits (`linear_logprob`, today's Triton path), 6·V·D when the
+  loss is formed inside the pass (`linear_logprob_loss`'s PyTorch path, issue 13 part 2).
+
+Rows are counted with the trainer's own micro-batching (`RolloutBatch.chunks` for the pre-pass,
+positives first; `RolloutBatch.micro_batches` per mini-batch for the update), padded ([b, L-1]
+positions per micro-batch) and packed (one row of all tokens). Batches:
+
+- demo: the `tiny` preset's step, with real rollouts: the warm-started policy (the preset's
+  supervised warm start) samples the first step's 32 prompts x 16 responses;
+- paper: shaped like the ResRL paper's recipe (Qwen3-4B: D=2560, V=151936; 256 prompts x 4
+  responses, mini-batch 64 prompts, so 4 updates and old log-probs), prompts of 200-600 tokens,
+  responses of 256-4096 tokens (uniform, seeded) with one in five cut at 4096.
+
+    python bench/bench_update_flops.py [--record]     # prints the table; --record appends rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import append_results, environment  # noqa: E402
+from resrl.batch import RolloutBatch  # noqa: E402
+
+# FLOPs per row and pass, in units of V·D: forward; forward + backward recomputing the logits;
+# forward + backward with the gradient formed while the logits exist.
+FWD, FWD_BWD_RECOMPUTE, FWD_BWD_FUSED = 2, 8, 6
+
+
+def demo_batch(sft_steps: int | None) -> tuple[RolloutBatch, dict]:
+    """The `tiny` preset's first rollout batch after its warm start (or `sft_steps` steps)."""
+    from resrl.config import resolve
+    from resrl.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = [] if sft_steps is None else [f"sft.steps={sft_steps}"]
+        cfg = resolve(
+            "tiny",
+            overrides=[*extra, f"run.out_dir={tmp}", "run.tensorboard=false", "run.progress=false"],
+        )
+        trainer = Trainer(cfg)
+        trainer.warm_start()
+        batch = trainer.rollout(trainer.sampler.next(), 0)
+        model = trainer.model
+        shape = {
+            "V": model.lm_head.weight.shape[0],
+            "D": model.lm_head.weight.shape[1],
+            "group": cfg.rollout.n,
+            "mini_batch_prompts": cfg.train.mini_batch_prompts,
+            "micro_batch_size": cfg.train.micro_batch_size,
+            "max_tokens_per_micro_batch": cfg.train.max_tokens_per_micro_batch,
+            "updates": cfg.train.prompts_per_step
+            // cfg.train.mini_batch_prompts
+            * cfg.train.epochs_per_batch,
+        }
+    return batch, shape
+
+
+def paper_batch(seed: int = 0) -> tuple[RolloutBatch, dict]:
+    gen = torch.Generator().manual_seed(seed)
+    prompts, responses, positive, group = [], [], [], []
+    for p in range(256):
+        prompt_len = int(torch.randint(200, 601, (1,), generator=gen))
+        for j in range(4):
+            cut = bool(torch.rand(1, generator=gen) < 0.2)
+            n = 4096 if cut else int(torch.randint(256, 4097, (1,), generator=gen))
+            prompts.append([1] * prompt_len)
+            responses.append([1] * n)
+            positive.append(not cut and j % 2 == 0)
+            group.append(p)
+    batch = RolloutBatch.scored(prompts, responses, positive, group)
+    shape = {
+        "V": 151936,
+        "D": 2560,
+        "group": 4,
+        "mini_batch_prompts": 64,
+        "micro_batch_size": 8,
+        "max_tokens_per_micro_batch": 16384,
+        "updates": 4,
+    }
+    return batch, shape
+
+
+def rows(batch: RolloutBatch, chunks: list[list[int]], packed: bool) -> int:
+    """LM-head rows of these micro-batches when every position is scored (before issue 13)."""
+    total = 0
+    for idx in chunks:
+        lengths = [batch.length(i) for i in idx]
+        total += sum(lengths) - 1 if packed else len(idx) * (max(lengths) - 1)
+    return total
+
+
+def count(batch: RolloutBatch, shape: dict, packed: bool) -> dict:
+    """LM-head rows and FLOPs of one step, before and after, for one layout."""
+    budget = shape["max_tokens_per_micro_batch"] if packed else 0
+    size = shape["micro_batch_size"]
+    n = len(batch)
+    positive = batch.positive.tolist()
+    order = [i for i in range(n) if positive[i]] + [i for i in range(n) if not positive[i]]
+    g, mbp = shape["group"], shape["mini_batch_prompts"]
+    prompts = n // g
+    mini_batches = [
+        [p * g + j for p in range(k, min(k + mbp, prompts)) for j in range(g)] for k in range(0, prompts, mbp)
+    ]
+    epochs = shape["updates"] // len(mini_batches)
+    update_chunks = [c for mb in mini_batches for c in batch.micro_batches(mb, size, budget)] * epochs
+    response = int(batch.response_lengths().sum())
+    need_old = shape["updates"] > 1
+    before_prepass = rows(batch, batch.chunks(order, size, budget), packed)
+    before_update = rows(batch, update_chunks, packed)
+    vd = shape["V"] * shape["D"]
+    after_prepass = response if need_old else 0
+    after_update = response * epochs
+    return {
+        "layout": "packed" if packed else "padded",
+        "response_tokens": response,
+        "all_tokens": sum(batch.length(i) for i in range(n)),
+        "rows_before": {"prepass": before_prepass, "update": before_update},
+        "rows_after": {"prepass": after_prepass, "update": after_update},
+        "flops_before": vd * (FWD * before_prepass + FWD_BWD_RECOMPUTE * before_update),
+        "flops_after_recompute": vd * (FWD * after_prepass + FWD_BWD_RECOMPUTE * after_update),
+        "flops_after_fused": vd * (FWD * after_prepass + FWD_BWD_FUSED * after_update),
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| batch | layout | rows pre-pass / update, before | after | LM-head TFLOP before | after (8VD) "
+        "| after (fused, 6VD) | before / after (fused) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        b, a = r["rows_before"], r["rows_after"]
+        lines.append(
+            f"| {r['batch']} | {r['layout']} | {b['prepass']:,} / {b['update']:,} | {a['prepass']:,} / "
+            f"{a['update']:,} | {r['flops_before'] / 1e12:.4g} | {r['flops_after_recompute'] / 1e12:.4g} | "
+            f"{r['flops_after_fused'] / 1e12:.4g} | {r['flops_before'] / r['flops_after_fused']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--record", action="store_true", help="append rows to bench/results/update_flops.jsonl"
+    )
+    parser.add_argument("--batches", default="demo,paper", help="comma list of: demo, paper")
+    parser.add_argument(
+        "--demo-sft-steps", type=int, default=None, help="warm-start steps (default: the preset's)"
+    )
+    args = parser.parse_args(argv)
+    wanted = [b for b in args.batches.split(",") if b]
+    if not wanted or any(b not in ("demo", "paper") for b in wanted):
+        parser.error(f"--batches {args.batches!r}: accepted: demo, paper")
+    results = []
+    for name in wanted:
+        batch, shape = demo_batch(args.demo_sft_steps) if name == "demo" else paper_batch()
+        for packed in (False, True):
+            results.append({"batch": name, "shape": shape, **count(batch, shape, packed)})
+    print(table(results))
+    if args.record:
+        env = environment(torch.device("cpu"))
+        print("recorded in", append_results("update_flops.jsonl", [{**r, **env} for r in results]))
+    return results
+
+
+if __name__ == "__main__":
+    main()
