@@ -8,21 +8,30 @@ Layout under the run directory::
 
 A save writes into a hidden temporary folder, flushes it, renames it into place and only then moves
 the `latest` pointer (write-then-rename, atomic on POSIX). A crash at any point leaves the previous
-checkpoint and pointer as they were; the next save removes the leftover. The shards are written
-per rank and resharded on load, so a run saved at N processes resumes at M.
+checkpoint and pointer as they were; the next save removes the leftover. A save that fails (a full
+disk) removes its temporary folder and says how much space is left. `meta.pt` lists every shard
+file with its size, so a checkpoint damaged later (a truncated file) is found before loading
+(`find_intact`) and the run resumes from the newest intact one. The shards are written per rank
+and resharded on load, so a run saved at N processes resumes at M.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import random
 import shutil
+import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -31,11 +40,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from resrl.distributed import SINGLE, World
+from resrl.config import Config, ConfigError, RunError, resume_changes
+from resrl.distributed import SINGLE, World, all_gather_objects
+from resrl.tracker import warn
 
 META_FILE = "meta.pt"
 SHARDS = "shards"
 POINTER = "latest"
+# meta.pt's entry listing the shard files and their sizes in bytes.
+FILES = "files"
 
 
 def rng_state() -> dict[str, Any]:
@@ -73,31 +86,32 @@ def save(
 ) -> Path:
     """Checkpoint `step`: model and optimizer through torch.distributed.checkpoint (each rank writes
     its shards; loadable at another process count), `meta` (schedule, data position, RNG, history)
-    from rank 0. `frozen` modules (the KL reference) are saved beside the model under their names.
-    Point `latest` at it and keep the newest `keep`. Called by every rank."""
+    and the list of shard files with their sizes from rank 0. `frozen` modules (the KL reference)
+    are saved beside the model under their names. Point `latest` at it and keep the newest `keep`.
+    Called by every rank. A failed write (a full disk) removes the temporary folder and raises
+    RunError naming the path and the free space, on every rank."""
     root = Path(run_dir) / "checkpoints"
     name = f"step_{step:06d}"
     tmp = root / f".{name}.tmp"
-    if world.is_main:
+    final = root / name
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         # Leftovers of a save that crashed (this step's or an earlier one's).
         for leftover in root.glob(".step_*.tmp"):
             shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir()
-    _barrier(world)
-    model_sd, optim_sd = get_state_dict(module, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    for key, frozen_module in (frozen or {}).items():
-        state[key] = get_model_state_dict(frozen_module)
-    dcp.save(state, checkpoint_id=str(tmp / SHARDS))
-    if world.is_main:
+
+    def write_meta() -> None:
+        # Every rank's shards are written once dcp.save has returned (it ends with a collective).
+        shards = (p for p in (tmp / SHARDS).rglob("*") if p.is_file())
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in shards}
         with open(tmp / META_FILE, "wb") as f:
-            torch.save(meta, f)
+            torch.save({**meta, FILES: files}, f)
             f.flush()
             os.fsync(f.fileno())
-    _barrier(world)
-    final = root / name
-    if world.is_main:
+
+    def publish() -> None:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -105,11 +119,105 @@ def save(
         pointer_tmp.write_text(name + "\n")
         os.replace(pointer_tmp, root / POINTER)
         _fsync_dir(root)
+
+    def write_shards() -> None:
+        model_sd, optim_sd = get_state_dict(module, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        for key, frozen_module in (frozen or {}).items():
+            state[key] = get_model_state_dict(frozen_module)
+        with _single_process():
+            dcp.save(state, checkpoint_id=str(tmp / SHARDS), no_dist=not _dist_ready())
+
+    try:
+        _on_main(prepare, world)
+        write_shards()
+        _on_main(write_meta, world)
+        _on_main(publish, world)
+    except (Exception, CheckpointException) as e:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise RunError(
+            f"cannot write the checkpoint of step {step} to {tmp}: {cause.strerror or cause} "
+            f"({_free_space(root)} free there); the partial folder was removed and the previous "
+            f"checkpoint ({latest(run_dir) or 'none yet'}) is intact"
+        ) from e
+    if world.is_main:
         for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier(world)
+    barrier(world)
     return final
+
+
+def _on_main(work: Any, world: World) -> None:
+    """Run `work()` on rank 0, then let every rank know whether it failed: a rank waiting at a
+    barrier for a rank 0 that raised would wait forever. Other ranks raise an OSError too."""
+    error = None
+    if world.is_main:
+        try:
+            work()
+        except OSError as e:
+            error = e
+    if world.distributed:
+        failed = all_gather_objects(None if error is None else (error.errno, error.strerror), world)[0]
+        if failed is not None and error is None:
+            error = OSError(*failed)
+    if error is not None:
+        raise error
+
+
+def _dist_ready() -> bool:
+    """Whether a process group exists (several processes, or one for CPU offload)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@contextlib.contextmanager
+def _single_process() -> Iterator[None]:
+    """torch.distributed.checkpoint warns on every save and load without a process group, even when
+    told so with no_dist=True (torch 2.13). One process is a supported way to save here (the
+    checkpoint loads at any process count), so that one warning is silenced; others still show."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message="torch.distributed is disabled, unavailable or uninitialized",
+            category=UserWarning,
+        )
+        yield
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed save: raised directly, chained, or one rank's failure inside the
+    CheckpointException that torch.distributed.checkpoint raises."""
+    seen = set()
+    todo = [e]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        if isinstance(e, CheckpointException):
+            todo.extend(failure for failure, _ in e.failures.values())
+        todo.extend([e.__cause__, e.__context__])
+    return None
+
+
+def _free_space(path: Path) -> str:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = float(shutil.disk_usage(path).free)
+    except OSError:
+        return "unknown space"
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            break
+        free /= 1024
+    return f"{free:.0f} bytes" if unit == "bytes" else f"{free:.1f} {unit}"
 
 
 def latest(run_dir: str | os.PathLike) -> Path | None:
@@ -122,6 +230,111 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
             return candidate
     complete = sorted(p for p in root.glob("step_*") if (p / META_FILE).is_file())
     return complete[-1] if complete else None
+
+
+def damage(path: str | os.PathLike) -> str | None:
+    """What is wrong with a checkpoint folder (a missing or unreadable meta.pt, a shard file that is
+    missing or shorter or longer than when it was saved), or None when it is intact. Reads meta.pt
+    and the shards' index, not the shard data."""
+    path = Path(path)
+    if not (path / META_FILE).is_file():
+        return f"{META_FILE} is missing"
+    try:
+        meta = load_meta(path)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as e:
+        return f"{META_FILE} is unreadable ({str(e).splitlines()[0][:120]})"
+    # Checkpoints written before the file list was recorded: at least the index must be there.
+    files = meta.get(FILES, {f"{SHARDS}/.metadata": None})
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if size is not None and f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, {size} when it was saved"
+    return None
+
+
+def find_intact(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest intact checkpoint of a run (or None), and the damaged ones newer than it with
+    what is wrong with each, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    damaged = []
+    for path in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
+        problem = damage(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def resume_point(run_dir: Path, cfg: Config, world: World = SINGLE) -> tuple[Path | None, dict[str, list]]:
+    """Where a run resumes (README, "Resume rules"): the newest intact checkpoint, after moving
+    damaged newer ones aside with a warning and checking the config against the checkpoint's; and
+    the changes run.resume=force allowed ({key: [saved, now]}). (None, {}) for a new run; with
+    run.resume=false a previous run in the directory is moved aside first. Called by every rank."""
+    if cfg.run.resume is False:
+        if world.is_main:
+            _set_aside_previous_run(run_dir)
+        barrier(world)
+        return None, {}
+    found, damaged = find_intact(run_dir)
+    barrier(world)
+    if world.is_main:
+        for path, problem in damaged:
+            aside = _unused(path.with_name(f"damaged_{path.name}"))
+            path.rename(aside)
+            warn(f"checkpoint {path} is damaged ({problem}); moved to {aside}")
+    barrier(world)
+    if found is None:
+        if damaged:
+            raise RunError(
+                f"no intact checkpoint in {run_dir / 'checkpoints'} to resume from (the damaged ones were "
+                "moved aside); run.resume=false starts over"
+            )
+        return None, {}
+    meta = load_meta(found)
+    changes = resume_changes(meta["config"], cfg, str(found))
+    if meta["step"] > cfg.train.steps:
+        raise ConfigError(
+            f"config train.steps={cfg.train.steps} is below step {meta['step']} of the checkpoint {found}; "
+            f"pass train.steps >= {meta['step']}, or run.resume=false to start over"
+        )
+    return found, changes
+
+
+# What a run leaves in its directory (rollout_init/, the vLLM engine's start, is rewritten anyway).
+RUN_FILES = (
+    "checkpoints",
+    "metrics.jsonl",
+    "tensorboard",
+    "eval",
+    "final",
+    "summary.json",
+    "config.json",
+    "config_changes.jsonl",
+)
+
+
+def _set_aside_previous_run(run_dir: Path) -> None:
+    """Move what a previous run left in the run directory into replaced-<time>/, so that its
+    checkpoints never mix with (or rotate out) the new run's, and nothing is deleted."""
+    found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if not found:
+        return
+    aside = _unused(run_dir / time.strftime("replaced-%Y%m%d-%H%M%S"))
+    aside.mkdir()
+    for path in found:
+        path.rename(aside / path.name)
+    warn(f"run.resume=false: the previous run in {run_dir} was moved to {aside}")
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... whichever does not exist yet."""
+    k, candidate = 1, path
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.name}-{k}")
+    return candidate
 
 
 def load(
@@ -140,7 +353,8 @@ def load(
     state = {"model": model_sd, "optim": optim_sd}
     for key, frozen_module in (frozen or {}).items():
         state[key] = get_model_state_dict(frozen_module)
-    dcp.load(state, checkpoint_id=str(path / SHARDS))
+    with _single_process():
+        dcp.load(state, checkpoint_id=str(path / SHARDS), no_dist=not _dist_ready())
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     for key, frozen_module in (frozen or {}).items():
         set_model_state_dict(frozen_module, state[key])
@@ -152,7 +366,7 @@ def load_meta(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(Path(path) / META_FILE, map_location="cpu", weights_only=False)
 
 
-def _barrier(world: World) -> None:
+def barrier(world: World) -> None:
     if world.distributed:
         torch.distributed.barrier()
 
@@ -179,4 +393,4 @@ def export_hf(
     if world.is_main:
         tokenizer.save_pretrained(path)
     # Other ranks may read the folder next (each rank's vLLM engine starts from it).
-    _barrier(world)
+    barrier(world)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,12 @@ from resrl.rollout import ENGINES
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the dotted key and what is accepted."""
+
+
+class RunError(ConfigError):
+    """A run that cannot go on for a reason the user can act on (numbers that stopped being finite,
+    a full disk, a run directory without an intact checkpoint). A ConfigError so that the command
+    line prints it as one `resrl: error: ...` line with exit code 2, like a bad config value."""
 
 
 def _fail(key: str, problem: str) -> None:
@@ -41,6 +48,11 @@ def _at_least(key: str, value: float, low: float) -> None:
 
 
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+# Objectives whose per-token advantage is the sequence advantage of `group_advantages` (grpo, ace
+# and resrl; psr, nsr and w_reinforce use fixed values), and the advantage kinds that subtract the
+# group's mean reward: together, a group of one response learns nothing.
+GROUP_OBJECTIVES = ("grpo", "resrl", "ace")
+GROUP_BASELINES = ("grpo", "drgrpo")
 
 
 @dataclass
@@ -358,8 +370,12 @@ class RunConfig:
     """Save a checkpoint every this many RL steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (older ones are deleted after a successful save)."""
-    resume: bool = True
-    """Continue from the run directory's latest checkpoint when there is one."""
+    resume: bool | str = True
+    """true: continue from the run directory's newest intact checkpoint, refusing when the config
+    differs from the checkpoint's in a key outside RESUME_SAFE_KEYS; false: start over (a previous
+    run found in the directory is moved into <run>/replaced-<time>/, never mixed or deleted);
+    force: resume even when such keys differ (the change is recorded in config_changes.jsonl;
+    the model's shape can never change)."""
     tensorboard: bool = True
     """Write TensorBoard events next to metrics.jsonl."""
     progress: bool = True
@@ -370,6 +386,8 @@ class RunConfig:
             _fail("run.name", f"must be a plain folder name, got {self.name!r}")
         _at_least("run.checkpoint_every", self.checkpoint_every, 0)
         _at_least("run.keep_checkpoints", self.keep_checkpoints, 1)
+        if self.resume not in (True, False, "force"):
+            _fail("run.resume", f"{self.resume!r} is not supported; accepted: true, false, force")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             _fail("run.device", f"{self.device!r} is not supported; accepted: auto, cpu, cuda, cuda:N")
 
@@ -390,8 +408,24 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            values = getattr(self, section.name)
+            # inf passes every range check (lr > 0) and NaN fails them with a confusing message.
+            for f in dataclasses.fields(values):
+                value = getattr(values, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    _fail(f"{section.name}.{f.name}", f"must be a finite number, got {value}")
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        algo = self.algorithm
+        if self.rollout.n == 1 and algo.objective in GROUP_OBJECTIVES and algo.advantage in GROUP_BASELINES:
+            _fail(
+                "rollout.n",
+                f"1 response per prompt with algorithm.objective={algo.objective} and "
+                f"algorithm.advantage={algo.advantage}: the advantage is relative to the group, so a "
+                "group of one has advantage 0 and nothing is learned; use rollout.n >= 2, "
+                "algorithm.advantage=reinforce, or objective psr, nsr or w_reinforce",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -541,3 +575,78 @@ def resolve(preset: str | None = None, file: str | Path | None = None, overrides
         data = merge(data, load_file(file))
     data = apply_overrides(merge(data, {}), list(overrides))
     return Config.from_dict(data)
+
+
+# Keys that may differ between a checkpoint's config and the config that resumes it: they change
+# neither what is trained nor the numbers it is trained with (README, "Resume rules").
+RESUME_SAFE_KEYS = (
+    # A longer run; never shorter than the checkpoint's step (the trainer checks).
+    "train.steps",
+    # Evaluation samples from its own seed stream and never touches the training state.
+    "eval.*",
+    # Where the run lives (a run directory may be moved) and how it is recorded and shown.
+    "run.name",
+    "run.out_dir",
+    "run.resume",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.tensorboard",
+    "run.progress",
+    # Memory and speed only: the same gradients (up to float summation order).
+    "train.micro_batch_size",
+    "train.pack",
+    "train.max_tokens_per_micro_batch",
+    "train.cpu_offload",
+    "model.gradient_checkpointing",
+    "model.attn_implementation",
+    "rollout.gpu_memory_utilization",
+)
+# Keys that fix the shapes of the saved weights: not even run.resume=force can change them.
+SHAPE_KEYS = (
+    "model.path",
+    "model.hidden_size",
+    "model.num_layers",
+    "model.num_heads",
+    "model.num_kv_heads",
+    "model.head_dim",
+    "model.intermediate_size",
+    "model.vocab_size",
+    "model.tie_word_embeddings",
+    "data.tokenizer",
+)
+
+
+def _flat(data: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{name}": value for section, values in data.items() for name, value in values.items()}
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in patterns)
+
+
+def resume_changes(saved: dict[str, Any], current: Config, checkpoint: str) -> dict[str, list[Any]]:
+    """Check `current` against the config dict saved in a checkpoint before resuming from it.
+
+    Returns the keys outside RESUME_SAFE_KEYS that differ, as {key: [saved, now]}: empty unless
+    run.resume=force allowed them. Raises ConfigError (one line naming every such key) when they
+    differ without force, or when a key of SHAPE_KEYS differs. Keys only one side has (fields added
+    or removed since the checkpoint was written) are not compared."""
+    old, new = _flat(saved), _flat(current.to_dict())
+    changed = {k: [old[k], new[k]] for k in new if k in old and old[k] != new[k]}
+    unsafe = {k: v for k, v in changed.items() if not _matches(k, RESUME_SAFE_KEYS)}
+    listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in unsafe.items())
+    shape = [k for k in unsafe if _matches(k, SHAPE_KEYS)]
+    if shape:
+        raise ConfigError(
+            f"config {', '.join(shape)} differs from the checkpoint {checkpoint} ({listed}): it fixes the "
+            "shape of the saved weights, so the run cannot resume with it even with run.resume=force; "
+            "start a new run (another run.name, or run.resume=false)"
+        )
+    if unsafe and current.run.resume != "force":
+        raise ConfigError(
+            f"config differs from the checkpoint {checkpoint} in {listed}; on resume only "
+            f"{', '.join(RESUME_SAFE_KEYS)} may change: restore those values, pass run.resume=force "
+            "to continue with the new ones (recorded in config_changes.jsonl), or run.resume=false "
+            "to start over"
+        )
+    return unsafe

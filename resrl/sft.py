@@ -6,13 +6,14 @@ through the same fused `linear_logprob` path as RL; prompt tokens are not traine
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 from torch import nn
 
 from resrl.batch import pad_sequences
-from resrl.config import SFTConfig
+from resrl.config import RunError, SFTConfig
 from resrl.data import Example
 from resrl.distributed import SINGLE, World
 
@@ -60,7 +61,7 @@ def warm_start(
         from tqdm import tqdm
 
         steps = tqdm(steps, desc="warm start", leave=False)
-    for _ in steps:
+    for step in steps:
         idx = torch.randint(len(prompt_ids), (cfg.batch_size,), generator=gen).tolist()[
             world.rank :: world.size
         ]
@@ -72,16 +73,22 @@ def warm_start(
         loss = -torch.where(resp_BT, logprob_BT, 0.0).sum() / resp_BT.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        # The global norm (the same on every rank), checked before the optimizer step, so a
+        # non-finite loss or gradient never reaches the weights.
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(norm):
+            raise RunError(
+                f"the warm start stopped at step {step + 1} of {cfg.steps}: the gradient norm is {norm} "
+                f"(loss {float(loss.detach())}); lower sft.lr"
+            )
         optimizer.step()
         losses.append(loss.detach())
         if progress:
-            steps.set_postfix(loss=f"{float(loss):.3f}")
+            steps.set_postfix(loss=f"{float(losses[-1]):.3f}")
     if not losses:
         return {}
     values = torch.stack(losses).tolist()
-    if not all(v == v for v in values):
-        raise FloatingPointError("the warm-start loss became NaN; lower sft.lr")
     return {
         "sft/loss_first": values[0],
         "sft/loss_last": sum(values[-10:]) / len(values[-10:]),

@@ -1,14 +1,20 @@
 """Step metrics: one JSON object per line in metrics.jsonl, the same scalars to TensorBoard; peak
-GPU memory per phase."""
+GPU memory per phase; the one-line warnings of a run."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def warn(message: str) -> None:
+    """A warning for the person running the command: one line on stderr."""
+    print(f"resrl: warning: {message}", file=sys.stderr, flush=True)
 
 
 class Tracker:
@@ -16,11 +22,7 @@ class Tracker:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # Rows written after the checkpoint we resume from belong to steps about to be redone.
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
+            kept = [json.dumps(row) for row in _read_rows(self.path) if row.get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -47,8 +49,27 @@ class Tracker:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _read_rows(Path(run_dir) / "metrics.jsonl")
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics file. A line that is not a JSON object (the torn last line of a
+    process killed while writing it) is dropped with a warning naming it."""
+    rows = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            what = "its torn last line" if number == len(lines) else f"line {number}, not a JSON object"
+            warn(f"{path}: dropped {what}: {line[:60]!r}")
+            continue
+        rows.append(row)
+    return rows
 
 
 class PeakMemory:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from resrl.algorithms import (
     group_seed,
 )
 from resrl.batch import RolloutBatch
-from resrl.config import Config, ConfigError
+from resrl.config import Config, ConfigError, RunError
 from resrl.distributed import (
     Policy,
     all_gather_objects,
@@ -42,12 +45,19 @@ from resrl.ranks import (
 from resrl.rewards import get_reward, length_scaled_reward
 from resrl.rollout import SamplingParams, build_engine
 from resrl.sft import solution_ids, warm_start
-from resrl.tracker import PeakMemory, Tracker
+from resrl.tracker import PeakMemory, Tracker, warn
 from resrl.update import optimizer_step
 
 # Seed streams: each use of randomness draws from its own seed, derived from the run seed, so that
 # resuming (or evaluating more often) never changes what a later step samples.
 _ROLLOUT, _EVAL, _RESRL, _SHUFFLE, _SFT = 1, 2, 3, 4, 5
+
+
+def _eval_label(tag: str) -> str:
+    """How an evaluation's progress lines name it: tags before, after and stepN."""
+    if tag in ("before", "after"):
+        return f"evaluation {tag} RL"
+    return f"evaluation at step {tag.removeprefix('step')}"
 
 
 def _seed(seed: int, stream: int, index: int = 0) -> int:
@@ -61,6 +71,8 @@ class Trainer:
         self._check_world()
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Decided before the model is built, so a refused resume fails in a second.
+        resume_from, self.config_changes = checkpoint.resume_point(self.run_dir, cfg, self.world)
         self.device = resolve_device(cfg.run.device, self.world.local_rank)
         torch.manual_seed(cfg.run.seed)
         self.tokenizer, self.train_set, self.eval_set = load_task(cfg)
@@ -116,7 +128,7 @@ class Trainer:
         self.ref_policy: Policy | None = None
         self.step = 0
         self.history: dict[str, Any] = {}
-        resume_from = checkpoint.latest(self.run_dir) if cfg.run.resume else None
+        self._bar = None
         if resume_from is not None:
             self._load(resume_from)
         self.tracker = None
@@ -126,6 +138,7 @@ class Trainer:
                 tensorboard=cfg.run.tensorboard,
                 resume_step=self.step if resume_from is not None else None,
             )
+            # The config this run continues with, whatever the checkpoint was saved with.
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     def _check_world(self) -> None:
@@ -148,27 +161,29 @@ class Trainer:
                 self.history["eval_before"] = self.evaluate("before")
         start = time.perf_counter()
         steps = range(self.step, cfg.train.steps)
-        bar = None
         if cfg.run.progress and self.world.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(steps, desc=f"{cfg.algorithm.objective}", initial=self.step, total=cfg.train.steps)
-            steps = bar
+            self._bar = tqdm(steps, desc=cfg.algorithm.objective, initial=self.step, total=cfg.train.steps)
+            steps = self._bar
         for step in steps:
             metrics = self.train_step(step)
             self.step = step + 1
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                self._phase("eval")
                 metrics.update({f"eval/{k}": v for k, v in self.evaluate(f"step{self.step}").items()})
             if self.tracker is not None:
                 self.tracker.log(self.step, metrics)
-            if bar is not None:
-                bar.set_postfix(
+            if self._bar is not None:
+                self._bar.set_postfix(
                     reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}"
                 )
             if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
+                self._phase("checkpoint")
                 self.save()
-        if bar is not None:
-            bar.close()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         self.history["rl_seconds"] = self.history.get("rl_seconds", 0.0) + time.perf_counter() - start
         self.save()
         self.export(self.run_dir / "final")
@@ -185,6 +200,7 @@ class Trainer:
         timings: dict[str, float] = {}
 
         peak = PeakMemory(self.device)
+        self._phase("rollout")
         t0 = time.perf_counter()
         # Every rank draws the same prompts and samples its share; then all ranks see every group.
         slots = self.sampler.next()
@@ -208,28 +224,34 @@ class Trainer:
         batch, seq_adv = batch.select(rows), seq_adv[rows]
         metrics["batch/rank_token_imbalance"] = imbalance
         n_updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts * cfg.train.epochs_per_batch
-        found = prepass(
-            self.policy,
-            batch,
-            cfg.algorithm,
-            temperature=cfg.rollout.temperature,
-            micro_batch_size=cfg.train.micro_batch_size,
-            pad_id=self.pad_id,
-            max_tokens=cfg.train.max_tokens_per_micro_batch if cfg.train.pack else 0,
-            seed=_seed(cfg.run.seed, _RESRL, step),
-            need_old=n_updates > 1 or cfg.algorithm.objective == "ace",
-            ref_policy=self.ref_policy,
-            world=world,
-            device=self.device,
-        )
+        self._phase("pre-pass")
+        with self._stop_if_not_finite("pre-pass", step + 1):
+            found = prepass(
+                self.policy,
+                batch,
+                cfg.algorithm,
+                temperature=cfg.rollout.temperature,
+                micro_batch_size=cfg.train.micro_batch_size,
+                pad_id=self.pad_id,
+                max_tokens=cfg.train.max_tokens_per_micro_batch if cfg.train.pack else 0,
+                seed=_seed(cfg.run.seed, _RESRL, step),
+                need_old=n_updates > 1 or cfg.algorithm.objective == "ace",
+                ref_policy=self.ref_policy,
+                world=world,
+                device=self.device,
+            )
         metrics.update(combine_prepass_metrics(found, world))
         if cfg.algorithm.objective == "ace":
             seq_adv = self._ace(batch, seq_adv, metrics, keep_old=n_updates > 1)
         t2 = time.perf_counter()
         peak("prepass")
-        metrics.update(self.update(batch, seq_adv, step, [[position[p] for p in mb] for mb in plan]))
+        self._phase("update")
+        with self._stop_if_not_finite("update", step + 1):
+            metrics.update(self.update(batch, seq_adv, step, [[position[p] for p in mb] for mb in plan]))
+        self._check_finite(step + 1, metrics)
         t3 = time.perf_counter()
         peak("update")
+        self._phase("sync")
         self.engine.wake_up()
         self.engine.sync_weights(self.model)
         t4 = time.perf_counter()
@@ -249,6 +271,51 @@ class Trainer:
         metrics["time/step_s"] = t4 - t0
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
         return mean_over_ranks(metrics, self.world)
+
+    def _phase(self, name: str) -> None:
+        """Show the phase running now on the progress bar."""
+        if self._bar is not None:
+            self._bar.set_description_str(f"{self.cfg.algorithm.objective} {name}")
+
+    @contextlib.contextmanager
+    def _stop_if_not_finite(self, phase: str, step: int) -> Iterator[None]:
+        """One line naming the step and phase, instead of a traceback, when the numbers of a phase
+        stopped being finite: the gradient-norm check of `optimizer_step` (FloatingPointError,
+        "step N: ...") or the kernels' value checks (ValueError "... contains NaN or Inf")."""
+        hint = "lower optim.lr or check the data (no checkpoint was written after it)"
+        try:
+            yield
+        except FloatingPointError as e:
+            raise RunError(f"training stopped in the {phase} phase at {e}") from e
+        except ValueError as e:
+            if "NaN or Inf" not in str(e):
+                raise
+            raise RunError(f"training stopped in the {phase} phase at step {step}: {e}; {hint}") from e
+
+    def _check_finite(self, step: int, metrics: dict[str, float]) -> None:
+        """Stop before anything is saved when the update made the loss or the weights non-finite
+        (the gradient norm is checked before the optimizer step, in `optimizer_step`)."""
+        bad = [k for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)]
+        if bad:
+            raise RunError(
+                f"training stopped in the update phase at step {step}: {bad[0]} is {metrics[bad[0]]}; "
+                "lower optim.lr or check the data (no checkpoint was written after it)"
+            )
+        # This rank's shards, one host sync for all of them.
+        local = [
+            (n, p.to_local() if hasattr(p, "to_local") else p) for n, p in self.policy.named_parameters()
+        ]
+        with torch.no_grad():
+            finite = torch.stack([torch.isfinite(p).all() for _, p in local]).tolist()
+        first = next((n for (n, _), ok in zip(local, finite, strict=True) if not ok), None)
+        first = all_gather_objects(first, self.world)
+        first = next((n for n in first if n is not None), None)
+        if first is not None:
+            raise RunError(
+                f"training stopped in the update phase at step {step}: the parameters are not finite "
+                f"after the optimizer step (first: {first}); lower optim.lr (no checkpoint was "
+                "written after it)"
+            )
 
     def _permutation(self, n: int, step: int, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(_seed(self.cfg.run.seed, _SHUFFLE, step * 1000 + epoch + 1))
@@ -358,7 +425,8 @@ class Trainer:
             device=self.device,
             pad_id=self.pad_id,
             first=first,
-            step=self.step,
+            # Numbered from 1, as in metrics.jsonl, for its error messages.
+            step=self.step + 1,
         )
 
     # ------------------------------------------------------------------ around the loop
@@ -405,7 +473,7 @@ class Trainer:
                 seed=_seed(cfg.run.seed, _EVAL),
                 reward=cfg.algorithm.reward,
                 batch_prompts=min(64, -(-len(examples) // world.size)),
-                progress=cfg.run.progress and world.is_main,
+                progress=cfg.run.progress and world.is_main and _eval_label(tag),
                 part=(world.rank, world.size),
                 gather=lambda done: all_gather_objects(done, world),
             )
@@ -502,7 +570,29 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"])
         self.history = state["history"]
         self.step = state["step"]
+        self._apply_optim_config()
         self.engine.sync_weights(self.model)
+        if self.world.is_main:
+            print(f"resuming from step {self.step} ({path})", file=sys.stderr, flush=True)
+        if self.config_changes:
+            record = {"step": self.step, "checkpoint": str(path), "changed": self.config_changes}
+            self.history.setdefault("config_changes", []).append(record)
+            if self.world.is_main:
+                with open(self.run_dir / "config_changes.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.config_changes.items())
+                warn(f"run.resume=force: continuing with {changed} (recorded in config_changes.jsonl)")
+
+    def _apply_optim_config(self) -> None:
+        """The optimizer's hyperparameters from this run's config, not the checkpoint's (which
+        loading restored): they equal unless run.resume=force changed them, and then config.json
+        must describe what runs. The schedule keeps its position and takes the new peak lr."""
+        o = self.cfg.optim
+        for group in self.optimizer.param_groups:
+            group.update(betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, initial_lr=o.lr)
+        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = o.lr * factor(self.scheduler.last_epoch)
 
     def export(self, path: Path) -> None:
         """A Hugging Face folder of the current policy (see `checkpoint.export_hf`)."""

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from resrl import checkpoint
 from resrl.algorithms import group_advantages, resrl_token_weights
 from resrl.batch import RolloutBatch, responses_of
-from resrl.config import ConfigError, resolve
+from resrl.config import ConfigError, RunError, resolve
 from resrl.model import forward_logprobs
 from resrl.prepass import prepass
 from resrl.tracker import read_metrics
@@ -225,10 +225,12 @@ def test_kl_reference_is_checkpointed_and_restored(tmp_path):
     a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert a[0]["loss/kl"] == 0.0 and a[2]["loss/kl"] > 0.0
     assert _comparable(a[2]) == pytest.approx(_comparable(b[2]), rel=1e-6, abs=1e-7)
-    # A checkpoint saved without a KL term cannot supply a reference.
+    # A checkpoint saved without a KL term cannot supply a reference, even when forced.
     Trainer(small_cfg(tmp_path, "run.name=nokl", "train.steps=1", "eval.before=false")).fit()
-    with pytest.raises(ConfigError, match="has no KL reference model"):
+    with pytest.raises(ConfigError, match="config differs from the checkpoint .* algorithm.kl_coef"):
         Trainer(small_cfg(tmp_path, "run.name=nokl", "train.steps=2", *kl))
+    with pytest.raises(ConfigError, match="has no KL reference model"):
+        Trainer(small_cfg(tmp_path, "run.name=nokl", "train.steps=2", *kl, "run.resume=force"))
 
 
 def test_cpu_offload_in_one_process_trains_like_the_plain_run(tmp_path):
@@ -308,7 +310,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, 
     first = trainer.save()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
-    def crash_in_shards(state, checkpoint_id):
+    def crash_in_shards(state, checkpoint_id, **kwargs):
         (checkpoint.Path(checkpoint_id)).mkdir(parents=True)
         (checkpoint.Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
         raise OSError("disk full")
@@ -324,8 +326,10 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, 
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(1.0)
-    with pytest.raises(OSError, match="disk full|power cut"):
+    with pytest.raises(RunError, match="disk full|power cut"):
         trainer.save()
+    # The failed save removed its partial folder.
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp"))
     monkeypatch.undo()
     run = tmp_path / "run"
     assert checkpoint.latest(run) == first
