@@ -69,7 +69,15 @@ def warm_start(
             [prompt_ids[i] for i in idx], [target_ids[i] for i in idx], pad_id
         )
         ids_BL, mask_BL, resp_BT = ids_BL.to(device), mask_BL.to(device), resp_BT.to(device)
-        logprob_BT = policy(ids_BL, mask_BL)["logprob"]
+        try:
+            logprob_BT = policy(ids_BL, mask_BL)["logprob"]
+        except ValueError as e:
+            # The kernels' value checks: the weights produced non-finite hidden states.
+            if "NaN or Inf" not in str(e):
+                raise
+            raise RunError(
+                f"the warm start stopped at step {step + 1} of {cfg.steps}: {e}; lower sft.lr"
+            ) from e
         loss = -torch.where(resp_BT, logprob_BT, 0.0).sum() / resp_BT.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

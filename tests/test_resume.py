@@ -414,6 +414,15 @@ def test_non_finite_gradient_stops_before_a_checkpoint_is_written(run_copy):
     assert Trainer(small_cfg(run_copy, "train.steps=3")).step == 2
 
 
+def test_warm_start_that_diverges_stops_in_one_line(tmp_path):
+    """sft.lr 1e30 is finite; after one step the weights are ~1e30 and the next step's numbers are not."""
+    trainer = Trainer(small_cfg(tmp_path, "sft.lr=1e30"))
+    with pytest.raises(
+        RunError, match="the warm start stopped at step 2 of 3: .*(NaN or Inf|nan).*lower sft.lr"
+    ):
+        trainer.warm_start()
+
+
 # ---------------------------------------------------------------------------- progress and noise
 
 
