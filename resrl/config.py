@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
 # and resrl; psr, nsr and w_reinforce use fixed values), and the advantage kinds that subtract the
 # group's mean reward: together, a group of one response learns nothing.
 GROUP_OBJECTIVES = ("grpo", "resrl", "ace")
+FLOAT32_MAX = 3.4028234663852886e38
 GROUP_BASELINES = ("grpo", "drgrpo")
 
 
@@ -410,11 +410,15 @@ class Config:
     def validate(self) -> None:
         for section in dataclasses.fields(self):
             values = getattr(self, section.name)
-            # inf passes every range check (lr > 0) and NaN fails them with a confusing message.
+            # inf passes every range check (lr > 0) and NaN fails them with a confusing message;
+            # beyond float32's range a value is inf in the tensors it scales (lr=1e39 in AdamW).
             for f in dataclasses.fields(values):
                 value = getattr(values, f.name)
-                if isinstance(value, float) and not math.isfinite(value):
-                    _fail(f"{section.name}.{f.name}", f"must be a finite number, got {value}")
+                if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
+                    _fail(
+                        f"{section.name}.{f.name}",
+                        f"must be a finite number within float32's range (|x| <= 3.4e38), got {value}",
+                    )
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         algo = self.algorithm
