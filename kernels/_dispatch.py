@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 IMPLS = ("triton", "torch")
 
@@ -56,8 +57,19 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 
 
 def raise_if_any(checks: dict[str, torch.Tensor]) -> None:
-    """Evaluate several boolean device scalars with a single host sync; raise on the first true one."""
+    """Evaluate several boolean device scalars with a single host sync; raise on the first true one.
+
+    Under `torch.compile` the checks become asserts in the graph (`torch._assert_async`: a
+    RuntimeError with the same message, no graph break); on fake or meta tensors (shapes only,
+    as in `resrl estimate`) there are no values to check.
+    """
     if not checks:
+        return
+    if torch.compiler.is_compiling():
+        for msg, bad in checks.items():
+            torch._assert_async(~bad.reshape(()), msg)
+        return
+    if any(is_fake(c) or c.device.type == "meta" for c in checks.values()):
         return
     flags = torch.stack([c.reshape(()) for c in checks.values()]).tolist()
     for msg, bad in zip(checks, flags, strict=False):

@@ -12,6 +12,10 @@ grad_hidden += dz @ W_c (accumulated in fp32 across chunks) and grad_weight[c] =
 (each weight row written once, fp32 accumulation inside the GEMM, never summed in bf16). The
 chunk is sized by a byte budget (`RESRL_WORKSPACE_MB`, default 256), so memory is
 O(N·D + V·D + N·VC).
+
+Both paths (this Triton one and `kernels.chunked`) sit behind the torch custom ops
+`resrl::linear_logprob` and `resrl::linear_logprob_backward`, with fake implementations and the
+autograd formula registered, so `torch.compile` and fake-tensor tracing go through them.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from kernels._dispatch import (
     select_impl,
     value_checks_enabled,
 )
-from kernels.chunked import linear_logprob_torch
+from kernels.chunked import chunked_backward, chunked_forward
 
 
 @triton.jit
@@ -59,6 +63,11 @@ def _logprob_fwd_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    # Element offsets of whole rows reach N*D and V*D, past 2^31 at real shapes: the block's first
+    # row goes into a 64-bit scalar base, the offsets inside a tile stay 32-bit (fewer registers).
+    local_n = tl.arange(0, BLOCK_N)
+    local_v = tl.arange(0, BLOCK_V)
+    h_blk = h_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_hn
 
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
@@ -68,19 +77,20 @@ def _logprob_fwd_kernel(
     v_start = pid_s * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
     for v0 in range(v_start, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + local_v
         col_mask = cols < v_end
+        w_blk = w_ptr + tl.cast(v0, tl.int64) * stride_wv
         acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < D
             h = tl.load(
-                h_ptr + rows[:, None] * stride_hn + offs_d[None, :],
+                h_blk + local_n[:, None] * stride_hn + offs_d[None, :],
                 mask=row_mask[:, None] & d_mask[None, :],
                 other=0.0,
             )  # [BLOCK_N, BLOCK_D]
             w = tl.load(
-                w_ptr + cols[:, None] * stride_wv + offs_d[None, :],
+                w_blk + local_v[:, None] * stride_wv + offs_d[None, :],
                 mask=col_mask[:, None] & d_mask[None, :],
                 other=0.0,
             )  # [BLOCK_V, BLOCK_D]
@@ -137,23 +147,31 @@ def _dlogits_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_n = tl.arange(0, BLOCK_N)
+    local_v = tl.arange(0, BLOCK_V)
+    rows = pid_n * BLOCK_N + local_n
     row_mask = rows < N
-    cols_local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols_local = pid_v * BLOCK_V + local_v
     cols = v_offset + cols_local
     col_mask = (cols_local < vc) & (cols < V)
+    # 64-bit scalar bases for the first row and column of the block, 32-bit offsets inside it
+    # (N*D, V*D and N*VC element offsets can pass 2^31).
+    row0 = (pid_n * BLOCK_N).to(tl.int64)
+    h_blk = h_ptr + row0 * stride_hn
+    w_blk = w_ptr + (v_offset + pid_v * BLOCK_V).to(tl.int64) * stride_wv
+    dz_blk = dz_ptr + row0 * stride_dzn + pid_v * BLOCK_V
 
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         h = tl.load(
-            h_ptr + rows[:, None] * stride_hn + offs_d[None, :],
+            h_blk + local_n[:, None] * stride_hn + offs_d[None, :],
             mask=row_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
         w = tl.load(
-            w_ptr + cols[:, None] * stride_wv + offs_d[None, :],
+            w_blk + local_v[:, None] * stride_wv + offs_d[None, :],
             mask=col_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
@@ -176,29 +194,38 @@ def _dlogits_kernel(
         dz -= g_ent[:, None] * p * (logp + ent[:, None])
     dz = dz * inv_t
     tl.store(
-        dz_ptr + rows[:, None] * stride_dzn + cols_local[None, :],
+        dz_blk + local_n[:, None] * stride_dzn + local_v[None, :],
         dz.to(dz_ptr.dtype.element_ty),
         mask=row_mask[:, None] & col_mask[None, :],
     )
 
 
 def _tile_config(dtype: torch.dtype) -> dict:
+    """Tiles and launch options per input dtype; `launch_fwd` for the forward, `launch` for dlogits.
+
+    Checked for sm_90 by `python -m kernels._aot` (no spills, 16-bit dots on wgmma; triton 3.2
+    and 3.6 to 3.9). The 16-bit forward holds the [128, 128] fp32 logits tile and its online-softmax
+    temporaries at 255 registers: with three stages triton 3.9 spilled 8 bytes; four stages (128
+    KiB of shared memory, one block per SM as the registers already allow) did not.
+    """
     if interpreting():
-        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, CAST_F32=True, PRECISION="ieee", launch={})
-    if dtype == torch.float32:
         return dict(
-            BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, CAST_F32=False, PRECISION="ieee",
-            launch=dict(num_warps=4, num_stages=2),
+            BLOCK_N=16, BLOCK_V=32, BLOCK_D=32, CAST_F32=True, PRECISION="ieee", launch={}, launch_fwd={}
+        )
+    if dtype == torch.float32:
+        launch = dict(num_warps=4, num_stages=2)
+        return dict(
+            BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, CAST_F32=False, PRECISION="ieee", launch=launch, launch_fwd=launch,
         )  # fmt: skip
     return dict(
         BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, CAST_F32=False, PRECISION="tf32",
-        launch=dict(num_warps=8, num_stages=3),
+        launch=dict(num_warps=8, num_stages=3), launch_fwd=dict(num_warps=8, num_stages=4),
     )  # fmt: skip
 
 
-def _kernel_args(cfg: dict) -> tuple[dict, dict]:
+def _kernel_args(cfg: dict, forward: bool) -> tuple[dict, dict]:
     consts = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "CAST_F32", "PRECISION")}
-    return consts, cfg["launch"]
+    return consts, cfg["launch_fwd" if forward else "launch"]
 
 
 def _num_splits(n: int, v: int, block_n: int, block_v: int, device: torch.device) -> int:
@@ -220,7 +247,7 @@ def logprob_forward(
     n, d = hidden_ND.shape
     v = weight_VD.shape[0]
     cfg = _tile_config(hidden_ND.dtype)
-    consts, launch = _kernel_args(cfg)
+    consts, launch = _kernel_args(cfg, forward=True)
     splits = _num_splits(n, v, cfg["BLOCK_N"], cfg["BLOCK_V"], hidden_ND.device)
     v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     splits = triton.cdiv(v, v_per_split)
@@ -288,7 +315,7 @@ def logprob_backward(
     n, d = hidden_ND.shape
     v = weight_VD.shape[0]
     cfg = _tile_config(hidden_ND.dtype)
-    consts, launch = _kernel_args(cfg)
+    consts, launch = _kernel_args(cfg, forward=False)
     block_v = cfg["BLOCK_V"]
     bytes_per_col = n * hidden_ND.element_size()
     vc = max(block_v, (_workspace_bytes() // bytes_per_col) // block_v * block_v)
@@ -316,29 +343,114 @@ def logprob_backward(
     return grad_h, grad_w
 
 
-class TritonLinearLogprob(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden_ND, weight_VD, target_N, temperature: float, return_entropy: bool):
-        logprob_N, lse_N, entropy_N = logprob_forward(hidden_ND, weight_VD, target_N, temperature)
-        ctx.save_for_backward(hidden_ND, weight_VD, target_N, lse_N, entropy_N)
-        ctx.temperature = temperature
-        ctx.return_entropy = return_entropy
-        return logprob_N, (entropy_N if return_entropy else None)
+# The custom ops: the autograd and tracing layer over both paths. `impl` ("triton" or "torch") is
+# chosen by the public function and passed in, so a traced graph records which path it runs.
+# Outputs of the forward: logprob [N], lse [N] (kept for the backward) and entropy ([N], or [0]
+# when not asked for), all fp32. Custom ops cannot return None: unneeded gradients are [0].
 
-    @staticmethod
-    def backward(ctx, grad_logprob_N, grad_entropy_N):
-        hidden_ND, weight_VD, target_N, lse_N, entropy_N = ctx.saved_tensors
-        if grad_logprob_N is None:
-            grad_logprob_N = torch.zeros_like(lse_N)
-        if not ctx.return_entropy:
-            grad_entropy_N = None
-        grad_h, grad_w = logprob_backward(
-            hidden_ND, weight_VD, target_N, lse_N, entropy_N,
-            grad_logprob_N.float().contiguous(),
-            None if grad_entropy_N is None else grad_entropy_N.float().contiguous(),
-            ctx.temperature, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-        )  # fmt: skip
-        return grad_h, grad_w, None, None, None
+
+@torch.library.custom_op("resrl::linear_logprob", mutates_args=())
+def linear_logprob_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float,
+    return_entropy: bool,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if impl == "torch":
+        logprob_N, lse_N, entropy_N = chunked_forward(hidden, weight, target, temperature, return_entropy)
+    else:
+        logprob_N, lse_N, entropy_N = logprob_forward(hidden, weight, target, temperature)
+    if not return_entropy:
+        entropy_N = lse_N.new_empty(0)
+    return logprob_N, lse_N, entropy_N
+
+
+@linear_logprob_op.register_fake
+def _(hidden, weight, target, temperature, return_entropy, impl):
+    n = hidden.shape[0]
+    logprob_N = hidden.new_empty(n, dtype=torch.float32)
+    return (
+        logprob_N,
+        torch.empty_like(logprob_N),
+        hidden.new_empty(n if return_entropy else 0, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("resrl::linear_logprob_backward", mutates_args=())
+def linear_logprob_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprob: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    need_hidden: bool,
+    need_weight: bool,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    backward = chunked_backward if impl == "torch" else logprob_backward
+    grad_h, grad_w = backward(
+        hidden,
+        weight,
+        target,
+        lse,
+        entropy,
+        grad_logprob,
+        grad_entropy,
+        temperature,
+        need_hidden,
+        need_weight,
+    )
+    empty = hidden.new_empty(0)
+    return (empty if grad_h is None else grad_h), (empty.clone() if grad_w is None else grad_w)
+
+
+@linear_logprob_backward_op.register_fake
+def _(
+    hidden,
+    weight,
+    target,
+    lse,
+    entropy,
+    grad_logprob,
+    grad_entropy,
+    temperature,
+    need_hidden,
+    need_weight,
+    impl,
+):
+    grad_h = hidden.new_empty(hidden.shape if need_hidden else (0,))
+    return grad_h, weight.new_empty(weight.shape if need_weight else (0,))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, target, temperature, return_entropy, impl = inputs
+    _, lse_N, entropy_N = output
+    ctx.save_for_backward(hidden, weight, target, lse_N, entropy_N)
+    ctx.temperature, ctx.return_entropy, ctx.impl = temperature, return_entropy, impl
+
+
+def _backward(ctx, grad_logprob_N, grad_lse_N, grad_entropy_N):
+    # grad_lse_N is ignored: lse is an internal output the public function never returns.
+    hidden, weight, target, lse_N, entropy_N = ctx.saved_tensors
+    need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_logprob_N is None:
+        grad_logprob_N = torch.zeros_like(lse_N)
+    if not ctx.return_entropy:
+        grad_entropy_N = None
+    grad_h, grad_w = linear_logprob_backward_op(
+        hidden, weight, target, lse_N, entropy_N, grad_logprob_N.float().contiguous(),
+        None if grad_entropy_N is None else grad_entropy_N.float().contiguous(),
+        ctx.temperature, need_hidden, need_weight, ctx.impl,
+    )  # fmt: skip
+    return (grad_h if need_hidden else None), (grad_w if need_weight else None), None, None, None, None
+
+
+linear_logprob_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_logprob(
@@ -392,8 +504,7 @@ def linear_logprob(
         empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0 + weight.sum() * 0
         return empty, (empty.clone() if return_entropy else None)
     impl = select_impl(hidden.device)
-    if impl == "torch":
-        return linear_logprob_torch(hidden, weight, target, temperature, return_entropy)
-    return TritonLinearLogprob.apply(
-        hidden.contiguous(), weight.contiguous(), target.contiguous(), temperature, return_entropy
+    logprob_N, _, entropy_N = linear_logprob_op(
+        hidden.contiguous(), weight.contiguous(), target.contiguous(), temperature, return_entropy, impl
     )
+    return logprob_N, (entropy_N if return_entropy else None)

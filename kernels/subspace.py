@@ -186,37 +186,56 @@ def _residual_kernel(
 
     # Pass 2: z = LN(h) - mu_g; ||z||^2 and z V_g, fp32 operands and IEEE dots: the distance is a
     # difference of two nearly equal squares, so TF32/bf16 rounding of z or V would dominate it.
+    # The basis columns are taken BLOCK_K at a time, z recomputed for each slice (the rows come
+    # from L2), so registers stay bounded at any rank: a [BLOCK_N, k] accumulator for the whole
+    # rank spilled above k = 64 on sm_90.
     offs_k = tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K
     basis_g = basis_ptr + g * D * K
     mean_g = mean_ptr + g * D
     sq = tl.zeros([BLOCK_N], tl.float32)
-    proj = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        x = tl.load(row_ptr + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        mu = tl.load(mean_g + offs_d, mask=d_mask, other=0.0)
-        z = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] - mu[None, :]
-        z = tl.where(d_mask[None, :], z, 0.0)  # [BLOCK_N, BLOCK_D]
-        sq += tl.sum(z * z, axis=1)
-        v = tl.load(
-            basis_g + offs_d[:, None] * K + offs_k[None, :],
-            mask=d_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )  # [BLOCK_D, BLOCK_K]
-        proj = tl.dot(z, v, proj, input_precision="ieee")
-    dist = tl.maximum(sq - tl.sum(proj * proj, axis=1), 0.0) / D
+    proj_sq = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        sq_k = tl.zeros([BLOCK_N], tl.float32)
+        proj = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            x = tl.load(row_ptr + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            mu = tl.load(mean_g + offs_d, mask=d_mask, other=0.0)
+            z = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] - mu[None, :]
+            z = tl.where(d_mask[None, :], z, 0.0)  # [BLOCK_N, BLOCK_D]
+            sq_k += tl.sum(z * z, axis=1)
+            v = tl.load(
+                basis_g + offs_d[:, None] * K + (k0 + offs_k)[None, :],
+                mask=d_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )  # [BLOCK_D, BLOCK_K]
+            proj = tl.dot(z, v, proj, input_precision="ieee")
+        # Every slice computes the same ||z||^2; keeping the last one avoids a branch.
+        sq = sq_k
+        proj_sq += tl.sum(proj * proj, axis=1)
+    dist = tl.maximum(sq - proj_sq, 0.0) / D
     tl.store(out_ptr + tok, dist, mask=row_mask)
 
 
-def _residual_tiles(k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_D, BLOCK_K, num_warps): tl.dot needs every tile side >= 16."""
-    block_k = max(16, triton.next_power_of_2(max(k, 1)))
+def _residual_tiles(k: int) -> tuple[int, int, int, dict]:
+    """(BLOCK_N, BLOCK_D, BLOCK_K, launch options) for rank k; tl.dot needs every tile side >= 16.
+
+    BLOCK_K is the basis slice of one pass; ranks above it loop over slices, so registers do not
+    grow with the rank. Chosen from sm_90 compiles (`python -m kernels._aot`, triton 3.6 to 3.9):
+    [64, 32] row tiles in one stage compile without spills at ranks 1 to 256 in fp32, bf16 and
+    fp16 (at most 128 registers: four blocks per SM hide the load latency that stages would).
+    Ranks below 64 use the same slice: the kernel is bound by reading the rows, and BLOCK_K = 16
+    spilled 8 bytes in fp32 with triton 3.8. `_residual_triton` pads k to a multiple of 16.
+    Spills seen otherwise: a whole-rank accumulator (BLOCK_K = 128) kilobytes; BLOCK_K = 32 with
+    triton 3.9 fell to 32 registers and kilobytes of local memory; two or three stages spilled
+    8 to 40 bytes at some ranks with 3.6 or 3.9; triton 3.2 spills 8 to 16 bytes even here.
+    """
     if interpreting():
-        return 16, 32, block_k, 4
-    block_n = 64 if block_k <= 64 else max(16, 8192 // block_k)
-    return block_n, 64, block_k, 4
+        # Slices of 16 so that CPU tests with ranks above 16 run the multi-slice loop.
+        return 16, 32, 16, {}
+    return 64, 32, 64, {"num_warps": 4, "num_stages": 1}
 
 
 def _block_table(
@@ -258,13 +277,15 @@ def _residual_triton(
     g, _, k = basis_GDK.shape
     if hidden_ND.stride(1) != 1:
         hidden_ND = hidden_ND.contiguous()
-    if k == 0:
-        # No subspace: one zero column gives the same distances without an empty-tensor pointer.
-        basis_GDK, k = basis_GDK.new_zeros(g, d, 1), 1
-    block_n, block_d, block_k, num_warps = _residual_tiles(k)
+    if k == 0 or k % 16:
+        # Zero columns up to a multiple of 16 leave the distances unchanged (k = 0, no subspace,
+        # included: no empty-tensor pointer) and give one compiled variant for every rank; with
+        # k = 1 or k not a multiple of 16, ptxas 13 spilled 8 bytes in some variants.
+        basis_GDK = F.pad(basis_GDK, (0, 16 - k % 16))
+        k = basis_GDK.shape[2]
+    block_n, block_d, block_k, launch = _residual_tiles(k)
     order, grp, start, end, programs = _block_table(group_N, n, g, block_n, hidden_ND.device)
     dist_N = torch.empty(n, dtype=torch.float32, device=hidden_ND.device)
-    launch = {} if interpreting() else {"num_warps": num_warps}
     _residual_kernel[(programs,)](
         hidden_ND, order, grp, start, end, basis_GDK, mean_GD, dist_N, d, k, hidden_ND.stride(0),
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, **launch,
@@ -364,12 +385,24 @@ def subspace_residual(
             ).any()
         raise_if_any(checks)
     group_N = None if group_index is None else group_index.long().contiguous()
-    basis_GDK = basis.float().contiguous()
-    mean_GD = mean.float().contiguous()
     impl = select_impl(hidden.device)
+    return subspace_residual_op(hidden, basis.float().contiguous(), mean.float().contiguous(), group_N, impl)
+
+
+# Custom op over both paths (`impl` chosen by the public function), so torch.compile and fake
+# tensors trace through it; nothing here is differentiable, so no autograd is registered.
+@torch.library.custom_op("resrl::subspace_residual", mutates_args=())
+def subspace_residual_op(
+    hidden: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor, group_index: torch.Tensor | None, impl: str
+) -> torch.Tensor:
     if impl == "torch":
-        return _residual_torch(hidden, basis_GDK, mean_GD, group_N)
-    return _residual_triton(hidden, basis_GDK, mean_GD, group_N)
+        return _residual_torch(hidden, basis, mean, group_index)
+    return _residual_triton(hidden, basis, mean, group_index)
+
+
+@subspace_residual_op.register_fake
+def _(hidden, basis, mean, group_index, impl):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------- residual_weights
@@ -490,9 +523,21 @@ def residual_weights(
         return torch.ones(0, dtype=torch.float32, device=dist.device)
     if value_checks_enabled():
         raise_if_any({"dist contains NaN or Inf at valid tokens": (valid & ~torch.isfinite(dist)).any()})
-    group_N = group_index.long()
-    seg_N, lo_S, spread_S = _group_quantiles(dist, group_N, valid, q_low, q_high)
     impl = select_impl(dist.device)
+    return residual_weights_op(dist, group_index.long(), valid, q_low, q_high, min_weight, impl)
+
+
+@torch.library.custom_op("resrl::residual_weights", mutates_args=())
+def residual_weights_op(
+    dist: torch.Tensor,
+    group_index: torch.Tensor,
+    valid: torch.Tensor,
+    q_low: float,
+    q_high: float,
+    min_weight: float,
+    impl: str,
+) -> torch.Tensor:
+    seg_N, lo_S, spread_S = _group_quantiles(dist, group_index, valid, q_low, q_high)
     if impl == "torch":
         lo_N, spread_N = lo_S[seg_N], spread_S[seg_N]
         d_N = dist.double()
@@ -502,10 +547,28 @@ def residual_weights(
         )
         return torch.where(valid, w_N.clamp_max(1.0), 1.0).float()
     span_S = torch.where(spread_S < FLAT_SPREAD, 0.0, spread_S).float()
-    out_N = torch.empty(n, dtype=torch.float32, device=dist.device)
+    return _weights_triton(dist.float().contiguous(), seg_N, valid, lo_S.float(), span_S, min_weight)
+
+
+@residual_weights_op.register_fake
+def _(dist, group_index, valid, q_low, q_high, min_weight, impl):
+    return dist.new_empty(dist.shape[0], dtype=torch.float32)
+
+
+def _weights_triton(
+    dist_N: torch.Tensor,
+    seg_N: torch.Tensor,
+    valid_N: torch.Tensor,
+    lo_S: torch.Tensor,
+    span_S: torch.Tensor,
+    min_weight: float,
+) -> torch.Tensor:
+    """Launch the per-token normalize kernel: weight [N] fp32 (span 0 marks a flat group)."""
+    n = dist_N.shape[0]
+    out_N = torch.empty(n, dtype=torch.float32, device=dist_N.device)
     block = 1024 if not interpreting() else 64
     _weights_kernel[(triton.cdiv(n, block),)](
-        dist.float().contiguous(), seg_N, valid.view(torch.uint8).contiguous(), lo_S.float(), span_S,
-        out_N, n, min_weight, BLOCK=block,
+        dist_N, seg_N, valid_N.view(torch.uint8).contiguous(), lo_S, span_S, out_N, n, min_weight,
+        BLOCK=block,
     )  # fmt: skip
     return out_N

@@ -174,6 +174,7 @@ RESIDUAL_CASES = {
     "interleaved_groups": (70, 96, 4, [16, 16, 16, 16], 16),
     "zero_padded_columns": (53, 48, 3, [3, 8, 16], 16),
     "some_groups_empty": (9, 40, 6, [2, 2, 2, 2, 2, 2], 2),
+    "rank_spans_basis_slices": (30, 64, 2, [40, 33], 40),  # 3 slices of 16 under the interpreter
 }
 
 
