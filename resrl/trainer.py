@@ -42,7 +42,7 @@ from resrl.ranks import (
     plan_mini_batches,
     sum_over_ranks,
 )
-from resrl.rewards import get_reward, length_scaled_reward
+from resrl.rewards import get_batch_reward, length_scaled_reward
 from resrl.rollout import SamplingParams, build_engine
 from resrl.sft import solution_ids, warm_start
 from resrl.tracker import PeakMemory, Tracker, warn
@@ -110,7 +110,7 @@ class Trainer:
             seed=_seed(cfg.run.seed, _SHUFFLE),
             shuffle=cfg.data.shuffle,
         )
-        self.reward_fn = get_reward(cfg.algorithm.reward)
+        self.reward_fn = get_batch_reward(cfg.algorithm.reward)
         engine_dir = None
         if cfg.rollout.engine == "vllm":
             # The engine starts from a Hugging Face folder; later weights are streamed in place.
@@ -182,6 +182,8 @@ class Trainer:
                 self._phase("checkpoint")
                 self.save()
         if self._bar is not None:
+            # The last phase shown is over.
+            self._bar.set_description_str(cfg.algorithm.objective)
             self._bar.close()
             self._bar = None
         self.history["rl_seconds"] = self.history.get("rl_seconds", 0.0) + time.perf_counter() - start
@@ -341,23 +343,31 @@ class Trainer:
                 samples = self.engine.generate(prompts, params)
         else:
             samples = self.engine.generate(prompts, params)
+        # The step's responses are scored together (identical answers once, verifier processes in
+        # parallel: resrl.rewards.verify_batch).
+        flat = [
+            (s, self.train_set.examples[slot].answer)
+            for slot, group in zip(slots, samples, strict=True)
+            for s in group
+        ]
+        scores = self.reward_fn(
+            [s.text for s, _ in flat],
+            [answer for _, answer in flat],
+            truncated=[s.truncated for s, _ in flat],
+            negative_reward=algo.negative_reward,
+        )
         rewards, positive = [], []
-        for slot, group in zip(slots, samples, strict=True):
-            answer = self.train_set.examples[slot].answer
-            for s in group:
-                r = self.reward_fn(
-                    s.text, answer, truncated=s.truncated, negative_reward=algo.negative_reward
+        for (s, _), r in zip(flat, scores, strict=True):
+            positive.append(r > 0)
+            if algo.length_reward:
+                r = length_scaled_reward(
+                    r,
+                    len(s.response_ids),
+                    l0=algo.length_l0,
+                    lmax=algo.length_lmax,
+                    scale=algo.length_scale,
                 )
-                positive.append(r > 0)
-                if algo.length_reward:
-                    r = length_scaled_reward(
-                        r,
-                        len(s.response_ids),
-                        l0=algo.length_l0,
-                        lmax=algo.length_lmax,
-                        scale=algo.length_scale,
-                    )
-                rewards.append(r)
+            rewards.append(r)
         group_ids = [step * cfg.train.prompts_per_step + slot for slot in slots]
         return RolloutBatch.from_samples(samples, rewards, positive, group_ids)
 
