@@ -223,6 +223,22 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous(run_copy, base_ru
     assert _comparable(redone) == pytest.approx(_comparable(straight), rel=1e-6, abs=1e-7)
 
 
+def test_truncated_shard_through_the_cli(run_copy, base_run):
+    """The same through `resrl train` in its own process: a warning, the resume line, exit 0."""
+    ckpts = run_copy / "run" / "checkpoints"
+    shard = ckpts / "step_000002" / "shards" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    proc = run_cli(run_copy, "", ["train", *small_args(run_copy)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (
+        f"resrl: warning: checkpoint {ckpts / 'step_000002'} is damaged (shards/__0_0.distcp has 1000 bytes"
+        in proc.stderr
+    )
+    assert f"resuming from step 1 ({ckpts / 'step_000001'})" in proc.stderr
+    redone, straight = read_metrics(run_copy / "run")[1], read_metrics(base_run)[1]
+    assert _comparable(redone) == pytest.approx(_comparable(straight), rel=1e-6, abs=1e-7)
+
+
 def test_no_intact_checkpoint_is_an_error(run_copy):
     for step in (1, 2):
         (run_copy / "run" / "checkpoints" / f"step_00000{step}" / "meta.pt").write_bytes(b"PK\x03")
