@@ -237,3 +237,115 @@ def test_many_integer_answers():
     for i in range(-500, 500):
         assert verify_answer(f"{i}+1={i + 1}\nAnswer: {i + 1}", str(i + 1)) is True
         assert verify_answer(f"Answer: {i}", str(i + 1)) is False
+
+
+# A step's answers: fast-path ints and fractions, symbolic ones that need math-verify, no answer,
+# a truncated one, duplicates of each kind and one pathological answer (twice).
+BATCH = [
+    ("3+4=7\nAnswer: 7", "7"),
+    ("Answer: 8", "7"),
+    ("\\boxed{x+1}", "1+x"),
+    ("\\boxed{x+2}", "1+x"),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}"),
+    ("no answer here", "3"),
+    ("Answer: 0.333333", "1/3"),
+    (PATHOLOGICAL, "9"),
+    ("\\boxed{x+1}", "1+x"),
+    ("so \\boxed{x + 1}", "1+x"),
+    ("\\boxed{x+1}", "x+1"),
+    (PATHOLOGICAL, "9"),
+    ("Answer: 7", "7"),
+]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 5], ids=lambda w: f"workers{w}")
+def test_verify_batch_matches_serial_verification(workers):
+    from resrl.rewards import verify_batch
+
+    responses, truths = zip(*BATCH, strict=True)
+    expected = [verify_answer(r, t, timeout_s=5.0) for r, t in BATCH]
+    found = _run_bounded(lambda: verify_batch(responses, truths, timeout_s=5.0, workers=workers))
+    assert found.verdicts == expected
+    assert expected[:5] == [True, False, True, False, True]
+    # Sent to math-verify, each once: x+1 (two responses), "x + 1" (another text), x+2, the surd,
+    # 0.333333 and the power tower (two responses, one timeout). x+1 against x+1 is equal text.
+    assert (found.checked, found.reused, found.timed_out) == (6, 2, 1)
+
+
+def test_verify_batch_checks_each_distinct_pair_once_in_a_bounded_pool(monkeypatch):
+    from resrl.rewards import verify as verify_module
+    from resrl.rewards import verify_batch
+
+    calls, lock = [], threading.Lock()
+    running, most = [0], [0]
+
+    def fake(gold, pred, timeout_s):
+        with lock:
+            calls.append((gold, pred))
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        # Long enough that the pool's threads overlap.
+        threading.Event().wait(0.05)
+        with lock:
+            running[0] -= 1
+        return pred == "x+1"
+
+    monkeypatch.setattr(verify_module._POOL, "verify", fake)
+    responses = [f"\\boxed{{x+{i % 7}}}" for i in range(70)]
+    found = verify_batch(responses, ["1+x"] * 70, workers=3)
+    assert sorted(calls) == sorted({("1+x", f"x+{i}") for i in range(7)})
+    assert found.verdicts == [i % 7 == 1 for i in range(70)]
+    assert (found.checked, found.reused) == (7, 63)
+    assert 1 < most[0] <= 3
+
+
+def test_verify_batch_bad_arguments():
+    from resrl.rewards import verify_batch
+
+    with pytest.raises(ValueError, match="2 responses but 1 ground truths"):
+        verify_batch(["a", "b"], ["1"])
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        verify_batch(["a"], ["1"], workers=0)
+    with pytest.raises(TypeError, match="response must be a str"):
+        verify_batch([None], ["1"])
+    assert verify_batch([], []).verdicts == []
+
+
+def test_batch_math_reward_equals_per_sample_reward():
+    from resrl.rewards import get_batch_reward
+
+    reward = get_reward("math")
+    responses, truths = zip(*BATCH, strict=True)
+    truncated = [i % 4 == 0 for i in range(len(BATCH))]
+    for negative in (-1.0, 0.0):
+        expected = [
+            reward(r, t, truncated=c, negative_reward=negative)
+            for r, t, c in zip(responses, truths, truncated, strict=True)
+        ]
+        found = get_batch_reward("math")(responses, truths, truncated=truncated, negative_reward=negative)
+        assert found == expected
+    with pytest.raises(ValueError, match="negative_reward"):
+        get_batch_reward("math")(["Answer: 1"], ["1"], truncated=[False], negative_reward=0.5)
+    with pytest.raises(ValueError, match="one of each per response"):
+        get_batch_reward("math")(["Answer: 1"], ["1"], truncated=[], negative_reward=0.0)
+
+
+def test_batch_of_a_registered_reward_calls_it_once_per_distinct_input(monkeypatch):
+    from resrl.rewards import get_batch_reward
+
+    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+    seen = []
+
+    @register_reward("length")
+    def length(response, ground_truth, *, truncated, negative_reward):
+        seen.append((response, ground_truth, truncated))
+        return negative_reward if truncated else float(len(response))
+
+    out = get_batch_reward("length")(
+        ["ab", "ab", "abc", "ab"],
+        ["1", "1", "1", "2"],
+        truncated=[False, False, False, True],
+        negative_reward=-1,
+    )
+    assert out == [2.0, 2.0, 3.0, -1.0]
+    assert seen == [("ab", "1", False), ("abc", "1", False), ("ab", "2", True)]

@@ -26,7 +26,7 @@ from typing import Any
 from resrl.data import Example, encode_prompt
 from resrl.eval.diversity import diversity_metrics
 from resrl.eval.metrics import summarize
-from resrl.rewards import extract_answer, get_reward
+from resrl.rewards import extract_answer, get_batch_reward
 from resrl.rollout import RolloutEngine, Sample, SamplingParams
 
 # Longer answers are not cheap plain numbers; they pool by their stripped text.
@@ -132,19 +132,21 @@ def _entropies(entropy_fn: EntropyFn, samples: list[Sample]) -> list[float]:
     return values
 
 
-def _row(example: Example, samples: list[Sample], tokenizer: Any, reward_fn: Any) -> dict:
-    responses, answers, correct, rewards = [], [], [], []
-    for sample in samples:
-        text = sample.text
-        if not text and sample.response_ids:
-            text = tokenizer.decode(sample.response_ids, skip_special_tokens=True)
-        reward = float(reward_fn(text, example.answer, truncated=sample.truncated, negative_reward=0.0))
-        responses.append(text)
-        rewards.append(reward)
-        correct.append(reward > 0)
-        # A truncated response never committed to an answer (the reward calls it wrong), so it
-        # casts no vote in maj@k and names no answer in the diversity counts.
-        answers.append(None if sample.truncated else canonical_answer(extract_answer(text)))
+def _text(sample: Sample, tokenizer: Any) -> str:
+    if not sample.text and sample.response_ids:
+        return tokenizer.decode(sample.response_ids, skip_special_tokens=True)
+    return sample.text
+
+
+def _row(example: Example, samples: list[Sample], responses: list[str], rewards: list[float]) -> dict:
+    """One problem's row: its samples, their texts and their rewards (wrong = 0)."""
+    correct = [reward > 0 for reward in rewards]
+    # A truncated response never committed to an answer (the reward calls it wrong), so it casts
+    # no vote in maj@k and names no answer in the diversity counts.
+    answers = [
+        None if sample.truncated else canonical_answer(extract_answer(text))
+        for sample, text in zip(samples, responses, strict=True)
+    ]
     return {
         "index": example.index,
         "data_source": example.data_source,
@@ -228,7 +230,7 @@ def evaluate(
         raise ValueError(f"part must be (rank, size) with 0 <= rank < size, got {part!r}")
     if part[1] > 1 and not callable(gather):
         raise ValueError(f"part={part} (several processes) needs a gather function")
-    reward_fn = get_reward(reward)
+    reward_fn = get_batch_reward(reward)
     params = SamplingParams(
         n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
     )
@@ -247,9 +249,22 @@ def evaluate(
         out = _check_output(engine.generate(prompts, chunk_params), len(prompts), n, chunk)
         flat = [sample for samples in out for sample in samples]
         chunk_entropy = _entropies(entropy_fn, flat) if entropy_fn is not None else None
+        # The whole chunk is scored at once: identical answers verified once, in parallel workers.
+        texts = [_text(sample, tokenizer) for sample in flat]
+        scores = [
+            float(score)
+            for score in reward_fn(
+                texts,
+                [example.answer for example in batch for _ in range(n)],
+                truncated=[sample.truncated for sample in flat],
+                negative_reward=0.0,
+            )
+        ]
+        if len(scores) != len(flat):
+            raise RuntimeError(f"reward {reward!r} gave {len(scores)} rewards for {len(flat)} samples")
         chunk_rows = []
         for i, (example, samples) in enumerate(zip(batch, out, strict=True)):
-            row = _row(example, samples, tokenizer, reward_fn)
+            row = _row(example, samples, texts[i * n : (i + 1) * n], scores[i * n : (i + 1) * n])
             if chunk_entropy is not None:
                 row["entropy"] = chunk_entropy[i * n : (i + 1) * n]
             chunk_rows.append(row)

@@ -1,18 +1,35 @@
 """Verifiable rewards: answer extraction, time-limited math verification, length shaping, a registry."""
 
 from resrl.rewards.extract import extract_answer
-from resrl.rewards.registry import RewardFn, available_rewards, get_reward, register_reward
+from resrl.rewards.registry import (
+    BatchRewardFn,
+    RewardFn,
+    available_rewards,
+    get_batch_reward,
+    get_reward,
+    register_reward,
+)
 from resrl.rewards.shaping import length_scaled_reward
-from resrl.rewards.verify import MAX_ANSWER_CHARS, shutdown_verifier, verify_answer
+from resrl.rewards.verify import (
+    MAX_ANSWER_CHARS,
+    BatchVerdicts,
+    shutdown_verifier,
+    verify_answer,
+    verify_batch,
+)
 
 __all__ = [
     "MAX_ANSWER_CHARS",
+    "BatchRewardFn",
+    "BatchVerdicts",
     "RewardFn",
     "available_rewards",
     "extract_answer",
+    "get_batch_reward",
     "get_reward",
     "length_scaled_reward",
     "register_reward",
     "shutdown_verifier",
     "verify_answer",
+    "verify_batch",
 ]

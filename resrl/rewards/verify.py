@@ -12,6 +12,11 @@ Two departures from calling ``math_verify.verify`` in-process, both for robustne
   it runs in persistent worker processes (fresh interpreters that import only math-verify) and a
   call that overruns ``timeout_s`` kills its worker and returns False. This works from any thread;
   concurrent callers each get their own worker. POSIX only (``selectors`` on a pipe).
+
+A training step verifies hundreds of responses; ``verify_batch`` does them together: identical
+(answer, ground truth) pairs are verified once, and the pairs that need math-verify run in a
+bounded pool of worker processes, so a step whose answers time out costs about
+(answers that time out / workers) x ``timeout_s`` instead of their sum.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -37,7 +45,11 @@ MAX_ANSWER_CHARS = 1000
 # Numbers longer than this go to math-verify (int() refuses > 4300 digits anyway).
 _MAX_FAST_CHARS = 64
 _STARTUP_TIMEOUT_S = 120.0
-_MAX_IDLE_WORKERS = 4
+# Math-verify processes a batch runs at once. More than the cores still helps: a pathological
+# answer mostly waits out its time limit, and worker start-ups overlap.
+DEFAULT_WORKERS = min(8, max(4, os.cpu_count() or 1))
+# Idle workers kept between calls (each holds sympy, ~100 MB): a batch's pool stays warm.
+_MAX_IDLE_WORKERS = DEFAULT_WORKERS
 _WORKER_FILE = Path(__file__).with_name("_mv_worker.py")
 # Runs the worker by path without putting its folder on sys.path (no shadowing of stdlib names).
 _BOOT = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
@@ -71,19 +83,17 @@ def _gold_answer(ground_truth: str) -> str:
     return boxed if boxed is not None else clean_answer(_unwrap_boxed(ground_truth))
 
 
-def verify_answer(response: str, ground_truth: str, *, timeout_s: float = 2.0) -> bool:
-    """True iff the final answer of ``response`` (see ``extract_answer``) equals ``ground_truth``.
+def _check_timeout(timeout_s: float) -> None:
+    if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"timeout_s must be a positive finite number of seconds, got {timeout_s!r}")
 
-    Never raises on model output and never blocks for much longer than ``timeout_s``: malformed,
-    missing, overlong (> MAX_ANSWER_CHARS) or too-slow answers are simply wrong. The first call that
-    needs math-verify starts a worker process; that start-up is not charged to ``timeout_s``.
-    """
+
+def _prepare(response: str, ground_truth: str) -> bool | tuple[str, str]:
+    """The verdict when it is decided without math-verify, else the (gold, pred) pair to send."""
     if not isinstance(response, str):
         raise TypeError(f"response must be a str, got {type(response).__name__}")
     if not isinstance(ground_truth, str):
         raise TypeError(f"ground_truth must be a str, got {type(ground_truth).__name__}")
-    if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
-        raise ValueError(f"timeout_s must be a positive finite number of seconds, got {timeout_s!r}")
     gold = _gold_answer(ground_truth)
     if not gold:
         raise ValueError(f"ground_truth {ground_truth!r} holds no answer")
@@ -98,7 +108,79 @@ def verify_answer(response: str, ground_truth: str, *, timeout_s: float = 2.0) -
             return True
         if not (pred_num[1] or gold_num[1]):
             return False
-    return _POOL.verify(gold, pred, timeout_s)
+    return gold, pred
+
+
+def verify_answer(response: str, ground_truth: str, *, timeout_s: float = 2.0) -> bool:
+    """True iff the final answer of ``response`` (see ``extract_answer``) equals ``ground_truth``.
+
+    Never raises on model output and never blocks for much longer than ``timeout_s``: malformed,
+    missing, overlong (> MAX_ANSWER_CHARS) or too-slow answers are simply wrong. The first call that
+    needs math-verify starts a worker process; that start-up is not charged to ``timeout_s``.
+    """
+    _check_timeout(timeout_s)
+    prepared = _prepare(response, ground_truth)
+    if isinstance(prepared, bool):
+        return prepared
+    return bool(_POOL.verify(*prepared, timeout_s))
+
+
+@dataclass
+class BatchVerdicts:
+    """What ``verify_batch`` found, and how much math-verify work it took."""
+
+    verdicts: list[bool]
+    """One per response, in order (the same as ``verify_answer`` gives)."""
+    checked: int
+    """Distinct (gold, answer) pairs that went to math-verify."""
+    reused: int
+    """Responses answered by an identical pair's verdict from the same batch instead."""
+    timed_out: int
+    """Checked pairs that overran ``timeout_s`` (counted wrong)."""
+
+
+def verify_batch(
+    responses: Sequence[str],
+    ground_truths: Sequence[str],
+    *,
+    timeout_s: float = 2.0,
+    workers: int = DEFAULT_WORKERS,
+) -> BatchVerdicts:
+    """``verify_answer`` for many (response, ground truth) pairs at once, e.g. one training step.
+
+    Each distinct (ground truth, extracted answer) pair that needs math-verify is checked once;
+    the others reuse its verdict. Those checks run on up to ``workers`` threads, each with its
+    own worker process, so at most ``workers`` answers are being verified (or timing out) at a
+    time. ``workers=1`` checks them one after another. Verdicts never depend on ``workers``.
+    """
+    if len(responses) != len(ground_truths):
+        raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    _check_timeout(timeout_s)
+    verdicts: list[bool] = [False] * len(responses)
+    pending: dict[tuple[str, str], list[int]] = {}
+    for i, (response, truth) in enumerate(zip(responses, ground_truths, strict=True)):
+        prepared = _prepare(response, truth)
+        if isinstance(prepared, bool):
+            verdicts[i] = prepared
+        else:
+            pending.setdefault(prepared, []).append(i)
+    pairs = list(pending)
+    if len(pairs) <= 1 or workers == 1:
+        found = [_POOL.verify(gold, pred, timeout_s) for gold, pred in pairs]
+    else:
+        with ThreadPoolExecutor(min(workers, len(pairs)), thread_name_prefix="resrl-verify") as pool:
+            found = list(pool.map(lambda pair: _POOL.verify(*pair, timeout_s), pairs))
+    for pair, verdict in zip(pairs, found, strict=True):
+        for i in pending[pair]:
+            verdicts[i] = bool(verdict)
+    return BatchVerdicts(
+        verdicts=verdicts,
+        checked=len(pairs),
+        reused=sum(len(rows) - 1 for rows in pending.values()),
+        timed_out=sum(verdict is None for verdict in found),
+    )
 
 
 class _Worker:
@@ -187,7 +269,8 @@ class _WorkerPool:
                 return
         worker.kill()
 
-    def verify(self, gold: str, pred: str, timeout_s: float) -> bool:
+    def verify(self, gold: str, pred: str, timeout_s: float) -> bool | None:
+        """The verdict, or None when the answer overran ``timeout_s`` (wrong, like a crash)."""
         # A worker found dead (killed from outside, crashed on the previous input) is replaced once.
         for attempt in range(2):
             worker = self._acquire()
@@ -200,7 +283,7 @@ class _WorkerPool:
                 return False
             if verdict is None:
                 worker.kill()
-                return False
+                return None
             self._release(worker)
             return verdict
         return False
