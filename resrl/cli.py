@@ -1,10 +1,15 @@
-"""The `resrl` command line: train, eval, compare, config.
+"""The `resrl` command line: train, eval, compare, plot, config, data.
 
-resrl train --preset tiny                         # the embedded default
+resrl train --preset tiny                         # the embedded default (make demo)
 resrl train --preset tiny algorithm.objective=grpo run.name=grpo
 resrl train --config my.yaml optim.lr=2e-6        # file, then dotted overrides
 resrl config --preset qwen3-4b-math-resrl         # print the resolved config (YAML)
-resrl eval --model runs/tiny/final --data held_out.jsonl --n 16
+resrl data export --preset tiny --out runs/tiny/held_out.jsonl   # the held-out split as JSONL
+resrl eval --model runs/tiny/final --data runs/tiny/held_out.jsonl --n 16
+
+A mistake in the input (an argument, a config value, a data file, a model folder) is one line on
+stderr, `resrl: error: ...`, and exit code 2; `--debug` adds the traceback. A traceback without
+`--debug` is a bug. Algorithms: docs/ALGORITHMS.md.
 """
 
 from __future__ import annotations
@@ -12,14 +17,86 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 
 import yaml
 
 from resrl.config import Config, ConfigError, resolve
+from resrl.errors import InputError, MissingPackageError, UserError
 from resrl.presets import PRESETS
+
+# Exit code of every user error (argparse's own errors use it too).
+USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line, like every other user error of the command."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"resrl: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(USER_ERROR)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False):
+    bounds = f"{'(' if low_open else '['}{low}, {high}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {bounds}, got {text!r}") from None
+        if not (math.isfinite(value) and (low < value if low_open else low <= value) and value <= high):
+            raise argparse.ArgumentTypeError(f"expected a number in {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated ints such as 0,1,2, got {text!r}"
+        ) from None
+    if len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must not repeat, got {text!r}")
+    return seeds
+
+
+def _variant_list(text: str) -> list[str]:
+    from resrl.compare import VARIANTS
+
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise argparse.ArgumentTypeError(
+            f"unknown variants {unknown or text!r}; accepted: comma-separated from {','.join(VARIANTS)}"
+        )
+    if len(set(variants)) < len(variants):
+        raise argparse.ArgumentTypeError(f"variants must not repeat, got {text!r}")
+    return variants
 
 
 def _fields_help() -> str:
@@ -66,11 +143,25 @@ def _config(args: argparse.Namespace) -> Config:
     return resolve(preset, args.config, args.overrides)
 
 
+def _check_runnable(cfg: Config) -> None:
+    """What the config names but cannot be checked on its own (a registered reward, an installed
+    engine), checked before any model is built."""
+    from resrl.rewards import get_reward
+
+    try:
+        get_reward(cfg.algorithm.reward)
+    except InputError as e:
+        raise ConfigError(f"config algorithm.reward: {e}") from None
+    if cfg.rollout.engine == "vllm":
+        _check_runnable_engine()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from resrl.distributed import shutdown
     from resrl.trainer import Trainer
 
     cfg = _config(args)
+    _check_runnable(cfg)
     trainer = Trainer(cfg)
     summary = trainer.fit()
     if trainer.world.is_main:
@@ -105,37 +196,41 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from resrl.config import RolloutConfig
-    from resrl.data import load_examples
+    from resrl.data import encode_prompt, load_examples
     from resrl.eval.evaluate import evaluate
-    from resrl.loading import resolve_device
+    from resrl.loading import check_model_folder, load_pretrained, load_tokenizer, resolve_device
+    from resrl.rewards import get_reward
     from resrl.rollout import build_engine
 
+    try:
+        get_reward(args.reward)
+    except InputError as e:
+        raise InputError(f"--reward: {e}") from None
+    if args.engine == "vllm":
+        _check_runnable_engine()
     device = resolve_device(args.device)
     model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(
-            f"--model {model_dir}: not a Hugging Face model folder (no config.json); "
-            "pass a run's final/ folder or an exported model"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    check_model_folder(args.model, what="--model", hub=False)
     examples = [ex for path in args.data for ex in load_examples(path)]
     if args.max_problems:
         examples = examples[: args.max_problems]
-    from resrl.data import encode_prompt
-
+    tokenizer = load_tokenizer(args.model, what="--model", hub=False)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load_pretrained(
+        AutoModelForCausalLM, args.model, what="--model", part="config and weights", dtype=dtype
+    ).to(device)
     longest = max(len(encode_prompt(ex, tokenizer)) for ex in examples)
+    max_new_tokens = _response_cap(args.max_new_tokens, longest, model.config)
     engine = build_engine(
         args.engine,
         model,
         tokenizer,
         RolloutConfig(engine=args.engine),
         model_dir=str(model_dir),
-        max_model_len=longest + args.max_new_tokens,
+        max_model_len=longest + max_new_tokens,
         seed=args.seed,
     )
     result = evaluate(
@@ -145,7 +240,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         n=args.n,
         temperature=args.temperature,
         top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         seed=args.seed,
         reward=args.reward,
         progress=True,
@@ -161,14 +256,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# The response cap when --max-new-tokens is not given and the model allows more.
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+
+def _response_cap(asked: int | None, longest_prompt: int, model_config) -> int:
+    """--max-new-tokens, or its default: DEFAULT_MAX_NEW_TOKENS or what the model's positions
+    leave after the longest prompt, whichever is smaller."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    room = None if positions is None else positions - longest_prompt
+    if room is not None and room < 1:
+        raise InputError(
+            f"--data: the longest prompt has {longest_prompt} tokens, the model only "
+            f"{positions} positions (max_position_embeddings); no room for a response"
+        )
+    if asked is None:
+        return DEFAULT_MAX_NEW_TOKENS if room is None else min(DEFAULT_MAX_NEW_TOKENS, room)
+    if room is not None and asked > room:
+        raise InputError(
+            f"--max-new-tokens {asked}: with the longest prompt of {longest_prompt} tokens this needs "
+            f"{longest_prompt + asked} positions, the model has {positions} (max_position_embeddings); "
+            f"accepted: at most {room}, or leave it out for the default"
+        )
+    return asked
+
+
+def _check_runnable_engine() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        from resrl.rollout.vllm_engine import VLLM_MISSING
+
+        raise MissingPackageError(VLLM_MISSING)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from resrl.compare import run_comparison
 
+    if not args.name or "/" in args.name or args.name in (".", ".."):
+        raise InputError(f"--name: must be a plain folder name, got {args.name!r}")
     preset = args.preset or ("tiny" if args.config is None else None)
+    cfg = resolve(preset, args.config, args.overrides)
+    _check_runnable(cfg)
     run_comparison(
         preset, args.config, args.overrides, variants=args.variants, seeds=args.seeds, name=args.name
     )
-    out = Path(resolve(preset, args.config, args.overrides).run.out_dir) / args.name
+    out = Path(cfg.run.out_dir) / args.name
     print((out / "compare.md").read_text())
     print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'pass_at_k.png'}")
     return 0
@@ -180,27 +313,64 @@ def cmd_plot(args: argparse.Namespace) -> int:
     curves = {}
     for spec in args.curves:
         label, _, source = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        if (label or source) in curves:
+            raise InputError(f"curve label {label or source!r} given twice; name them LABEL=FILE")
         curves[label or source] = load_curve(source)
-    path = plot_pass_at_k(curves, args.out, title=args.title)
+    try:
+        path = plot_pass_at_k(curves, args.out, title=args.title)
+    except OSError as e:
+        raise InputError(f"--out {args.out}: cannot write the plot ({e.strerror or e})") from None
     print(f"wrote {path}")
     return 0
 
 
+def cmd_data_export(args: argparse.Namespace) -> int:
+    from resrl.data import write_examples
+    from resrl.loading import load_task
+
+    cfg = _config(args)
+    _tokenizer, train, held_out = load_task(cfg)
+    if args.split == "train":
+        examples = train.examples
+    else:
+        # Exactly the problems the trainer evaluates before and after RL.
+        examples = held_out.examples[: cfg.eval.max_problems or None]
+    try:
+        path = write_examples(examples, args.out)
+    except OSError as e:
+        raise InputError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
+    print(f"wrote {len(examples)} {args.split} problems to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="resrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    # --debug is accepted before and after the subcommand; SUPPRESS keeps a subcommand's default
+    # from overwriting a value given before it.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of a user error too",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="resrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Its own action: set_defaults would change the action the subcommands share.
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser(
         "train",
         help="train a policy",
         epilog=_fields_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[debug],
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser(
-        "config", help="print the resolved config", formatter_class=argparse.RawDescriptionHelpFormatter
+        "config",
+        help="print the resolved config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[debug],
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
@@ -210,23 +380,21 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="run several objectives x seeds from the same warm start; table + pass@k plot",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[debug],
     )
     _add_config_args(p)
     p.add_argument(
         "--variants",
-        type=lambda text: text.split(","),
+        type=_variant_list,
         default=list(VARIANTS),
         help=f"comma-separated, from {','.join(VARIANTS)} (default: all)",
     )
-    p.add_argument(
-        "--seeds",
-        type=lambda text: [int(x) for x in text.split(",")],
-        default=[0, 1, 2],
-        help="comma-separated",
-    )
+    p.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="comma-separated ints (default 0,1,2)")
     p.add_argument("--name", default="compare", help="folder under run.out_dir")
     p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("plot", help="overlay pass@k curves of several evaluations in one PNG")
+    p = sub.add_parser(
+        "plot", help="overlay pass@k curves of several evaluations in one PNG", parents=[debug]
+    )
     p.add_argument(
         "curves",
         nargs="+",
@@ -236,14 +404,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--title")
     p.set_defaults(func=cmd_plot)
-    p = sub.add_parser("eval", help="pass@k / avg@n / maj@n of a model on a dataset")
+    p = sub.add_parser("eval", help="pass@k / avg@n / maj@n of a model on a dataset", parents=[debug])
     p.add_argument("--model", required=True, help="Hugging Face model folder (e.g. runs/tiny/final)")
-    p.add_argument("--data", required=True, nargs="+", help="dataset files (.jsonl/.json/.parquet)")
-    p.add_argument("--n", type=int, default=16, help="samples per problem (default 16)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--max-problems", type=int, default=0, help="evaluate the first N problems (0: all)")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="dataset files (.jsonl/.json/.parquet); `resrl data export` writes a run's held-out split",
+    )
+    p.add_argument("--n", type=_int_at_least(1), default=16, help="samples per problem (default 16)")
+    p.add_argument("--temperature", type=_float_in(0.0, 100.0), default=0.6, help="0 = greedy")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=0.95)
+    p.add_argument(
+        "--max-new-tokens",
+        type=_int_at_least(1),
+        default=None,
+        help=f"response cap (default: {DEFAULT_MAX_NEW_TOKENS}, or what the model's "
+        "max_position_embeddings leave after the longest prompt, whichever is smaller)",
+    )
+    p.add_argument(
+        "--max-problems", type=_int_at_least(0), default=0, help="evaluate the first N problems (0: all)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward", default="math")
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"])
@@ -252,6 +433,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="eval", help="file name prefix of the outputs")
     p.add_argument("--plot", action="store_true", help="also write a pass@k curve PNG")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("data", help="dataset tools", parents=[debug])
+    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    p = data_sub.add_parser(
+        "export",
+        help="write a config's training or held-out prompts as JSONL (the embedded task included)",
+        description="Write the prompts a config trains or evaluates on as JSONL rows "
+        "({prompt, answer, data_source, solution}) that `resrl eval --data` and data.*_files read. "
+        "held_out is exactly what training evaluates before and after RL (eval.max_problems applied).",
+        parents=[debug],
+    )
+    _add_config_args(p)
+    p.add_argument("--split", choices=["held_out", "train"], default="held_out")
+    p.add_argument("--out", required=True, help="JSONL path to write")
+    p.set_defaults(func=cmd_data_export)
     return parser
 
 
@@ -259,9 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"resrl: error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, UserError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"resrl: error: {_one_line(e)}", file=sys.stderr)
+        return USER_ERROR
 
 
 if __name__ == "__main__":

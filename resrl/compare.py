@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from resrl.config import resolve
+from resrl.errors import InputError
 
 # Variant name -> overrides on top of the shared config. ResRL twice: the subspace from the
 # penultimate layer (the paper's choice) and from the LM-head input.
@@ -46,9 +47,13 @@ def run_comparison(
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise ValueError(f"unknown variants {unknown}; available: {', '.join(VARIANTS)}")
+        raise InputError(f"unknown variants {unknown}; available: {', '.join(VARIANTS)}")
+    if not variants:
+        raise InputError(f"give at least one variant; available: {', '.join(VARIANTS)}")
     if not seeds:
-        raise ValueError("give at least one seed")
+        raise InputError("give at least one seed")
+    if len(set(seeds)) < len(seeds) or len(set(variants)) < len(variants):
+        raise InputError(f"seeds {seeds} and variants {variants} must not repeat")
     base = resolve(preset, config_file, overrides)
     root = Path(base.run.out_dir) / name
     root.mkdir(parents=True, exist_ok=True)

@@ -165,7 +165,7 @@ class RolloutConfig:
 @dataclass
 class AlgorithmConfig:
     objective: str = "resrl"
-    """Per-token advantage: grpo, psr, nsr, w_reinforce, resrl (ALGORITHMS.md §3) or ace (§6)."""
+    """Per-token advantage: grpo, psr, nsr, w_reinforce, resrl (docs/ALGORITHMS.md §3) or ace (§6)."""
     advantage: str = "grpo"
     """Sequence advantage for grpo/resrl: grpo (z-score in the group), drgrpo (no std), reinforce."""
     reward: str = "math"
@@ -173,7 +173,7 @@ class AlgorithmConfig:
     negative_reward: float = -1.0
     """Reward of a wrong or truncated response: -1 (ResRL's convention) or 0 (PSR/NSR's)."""
     length_reward: bool = False
-    """Length-scale positive rewards (ALGORITHMS.md §1)."""
+    """Length-scale positive rewards (docs/ALGORITHMS.md §1)."""
     length_l0: int = 3500
     """Length-scaled reward: responses up to this many tokens keep the full reward."""
     length_lmax: int = 4096

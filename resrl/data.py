@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from resrl.errors import UserError
+
 _SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -36,8 +38,12 @@ class Example:
     """A reference response (plain rows' optional ``solution``), used by the supervised warm start."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset file or row that cannot be used; the message names file, row and field."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A dataset path that names no file."""
 
 
 def _error(path: Path, row: int, field: str, problem: str) -> DataError:
@@ -47,30 +53,47 @@ def _error(path: Path, row: int, field: str, problem: str) -> DataError:
 def _rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(1-based row number, decoded row) pairs; JSONL row numbers are line numbers."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield line_no, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise _error(
-                        path, line_no, "<row>", f"not valid JSON ({e.msg} at column {e.colno})"
-                    ) from None
+        line_no = 0
+        try:
+            with path.open(encoding="utf-8") as f:
+                for line_no, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield line_no, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise _error(
+                            path, line_no, "<row>", f"not valid JSON ({e.msg} at column {e.colno})"
+                        ) from None
+        except UnicodeDecodeError as e:
+            raise _error(path, line_no + 1, "<row>", f"not UTF-8 text ({e.reason})") from None
     elif path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: a .json dataset must be a list of rows, got {type(data).__name__}")
         yield from enumerate(data, start=1)
     elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+        yield from enumerate(_parquet_rows(path), start=1)
     else:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; accepted: {', '.join(_SUFFIXES)}")
+
+
+def _parquet_rows(path: Path) -> list[Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        # pyarrow's message runs over several lines and names its own internals; the first line
+        # says what is wrong (e.g. "Parquet magic bytes not found in footer").
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a readable Parquet file ({reason})") from e
 
 
 def _text(path: Path, row: int, field: str, value: Any, *, numbers: bool = False) -> str:
@@ -149,12 +172,38 @@ def _example(path: Path, row: int, obj: Any, index: int) -> Example:
 def load_examples(path: str | os.PathLike) -> list[Example]:
     """All examples of a ``.jsonl``, ``.json`` (list of rows) or ``.parquet`` file, in file order."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a dataset file; accepted: {', '.join(_SUFFIXES)} files")
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
-    examples = [_example(path, row, obj, index) for index, (row, obj) in enumerate(_rows(path))]
+        raise DataFileNotFoundError(f"dataset file not found: {path}")
+    try:
+        examples = [_example(path, row, obj, index) for index, (row, obj) in enumerate(_rows(path))]
+    except PermissionError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
     if not examples:
         raise DataError(f"{path}: no rows")
     return examples
+
+
+def write_examples(examples: list[Example], path: str | os.PathLike) -> Path:
+    """Write ``examples`` as plain JSONL rows (``prompt``, ``answer``, ``data_source`` and, when
+    there is one, ``solution``) that ``load_examples`` reads back as the same examples (``index``
+    is the row position, as on every load). Parent folders are created."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        raise DataError(f"{path}: examples are written as JSON lines; accepted: a .jsonl path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for example in examples:
+            row: dict[str, Any] = {
+                "prompt": example.prompt,
+                "answer": example.answer,
+                "data_source": example.data_source,
+            }
+            if example.solution is not None:
+                row["solution"] = example.solution
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
 
 
 def encode_prompt(example: Example, tokenizer: Any) -> list[int]:

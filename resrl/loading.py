@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
+import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from resrl.config import Config, ConfigError
 from resrl.data import Example, encode_prompt, load_examples
+from resrl.errors import ModelFolderError
 from resrl.tasks import arithmetic
 
 
@@ -50,13 +54,89 @@ def _encode(examples: list[Example], tokenizer, max_len: int, what: str) -> Prom
     return PromptSet(kept, ids)
 
 
-def _tokenizer(cfg: Config):
-    path = cfg.data.tokenizer or cfg.model.path
-    if path is None:
-        return arithmetic.build_char_tokenizer()
+# What each part of a Hugging Face model folder is stored as; one file of a part is enough.
+MODEL_FOLDER_PARTS: dict[str, tuple[str, ...]] = {
+    "config": ("config.json",),
+    "weights": (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ),
+    "tokenizer": ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"),
+}
+# "org/name": what a Hugging Face hub id looks like (a path that does not exist may be one).
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_model_folder(
+    path: str, *, what: str, parts: tuple[str, ...] = ("config", "weights", "tokenizer"), hub: bool = True
+) -> bool:
+    """Fail with one line when `path` is not a usable model folder; True when it is a local folder.
+
+    `what` names the setting in the message (e.g. "config model.path", "--model"). Each of `parts`
+    (keys of MODEL_FOLDER_PARTS) must be present; the message lists every missing one. With `hub`,
+    a path that does not exist locally but looks like a hub id (`org/name`) is left to
+    transformers (False is returned): it may be in the local cache or downloadable.
+    """
+    folder = Path(path)
+    if folder.is_dir():
+        missing = [
+            part
+            for part in parts
+            if not any((folder / name).is_file() for name in MODEL_FOLDER_PARTS[part])
+            and not (part == "weights" and any(folder.glob("*.safetensors")))
+        ]
+        if missing:
+            names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+            looked = "; ".join(f"{part}: {' or '.join(MODEL_FOLDER_PARTS[part])}" for part in missing)
+            raise ModelFolderError(
+                f"{what} {path}: not a complete Hugging Face model folder, missing the {names} "
+                f"({looked}); pass a run's final/ folder or a downloaded checkpoint"
+            )
+        if (folder / "config.json").is_file():
+            try:
+                json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ModelFolderError(f"{what} {path}: config.json is unreadable ({e})") from e
+        return True
+    if folder.exists():
+        raise ModelFolderError(f"{what} {path}: a file, not a model folder")
+    if hub and _HUB_ID_RE.fullmatch(str(path)):
+        return False
+    raise ModelFolderError(
+        f"{what} {path}: no such folder; pass a Hugging Face model folder (a run's final/ folder, a "
+        "downloaded checkpoint) or a hub id such as Qwen/Qwen3-4B"
+        if hub
+        else f"{what} {path}: no such folder; pass a Hugging Face model folder (e.g. runs/tiny/final)"
+    )
+
+
+def load_pretrained(loader, path: str, *, what: str, part: str, **kwargs):
+    """`loader.from_pretrained(path, **kwargs)` with a corrupt or unreachable folder as one line."""
+    from safetensors import SafetensorError
+
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ModelFolderError(f"{what} {path}: cannot load the {part} ({reason})") from e
+
+
+def load_tokenizer(path: str, *, what: str, hub: bool = True):
+    """The tokenizer of a model folder (or hub id), or one line saying what is wrong with it."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    check_model_folder(path, what=what, parts=("tokenizer",), hub=hub)
+    return load_pretrained(AutoTokenizer, path, what=what, part="tokenizer")
+
+
+def _tokenizer(cfg: Config):
+    if cfg.data.tokenizer is not None:
+        return load_tokenizer(cfg.data.tokenizer, what="config data.tokenizer")
+    if cfg.model.path is not None:
+        return load_tokenizer(cfg.model.path, what="config model.path")
+    return arithmetic.build_char_tokenizer()
 
 
 def load_task(cfg: Config) -> tuple[object, PromptSet, PromptSet]:
@@ -155,7 +235,16 @@ def load_model(
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(m.path, dtype=dtype, attn_implementation=attn)
+        # The tokenizer may come from data.tokenizer; config and weights must be in model.path.
+        check_model_folder(m.path, what="config model.path", parts=("config", "weights"))
+        model = load_pretrained(
+            AutoModelForCausalLM,
+            m.path,
+            what="config model.path",
+            part="config and weights",
+            dtype=dtype,
+            attn_implementation=attn,
+        )
     model.to(device=device, dtype=dtype)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

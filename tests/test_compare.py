@@ -48,8 +48,31 @@ def test_eval_cli_on_a_trained_run(tmp_path, capsys):
     assert summary["n_problems"] == 5 and {"pass@1", "pass@2", "pass@4", "avg@4"} <= set(summary)
     assert len((out / "eval_samples.jsonl").read_text().splitlines()) == 5
     assert (out / "eval_pass_at_k.png").stat().st_size > 0
+    capsys.readouterr()
     assert main(["eval", "--model", str(tmp_path), "--data", str(data)]) == 2
-    assert "not a Hugging Face model folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a complete Hugging Face model folder, missing the config, weights and tokenizer" in err
+    # The tiny model has 128 positions: a cap that does not fit is refused before sampling.
+    assert main([*args, "--max-new-tokens", "1024"]) == 2
+    assert "the model has 128 (max_position_embeddings)" in capsys.readouterr().err
+
+
+def test_readme_eval_command_on_what_make_demo_writes(tmp_path, capsys):
+    """README "Evaluation": export the held-out split, then `resrl eval` the run's final/ folder with
+    the default response cap (it must fit the tiny model's 128 positions)."""
+    run = [*SMALL, f"run.out_dir={tmp_path}", "run.name=tiny"]
+    assert main(["train", "--preset", "tiny", *run]) == 0
+    held_out = tmp_path / "tiny" / "held_out.jsonl"
+    assert main(["data", "export", "--preset", "tiny", *run, "--out", str(held_out)]) == 0
+    rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+    after = json.loads((tmp_path / "tiny" / "eval" / "after_samples.jsonl").read_text().splitlines()[0])
+    # Exactly the problems training evaluated, in order.
+    assert len(rows) == 6 and rows[0]["prompt"] == after["prompt"] and rows[0]["answer"] == after["answer"]
+    final = str(tmp_path / "tiny" / "final")
+    assert main(["eval", "--model", final, "--data", str(held_out), "--n", "2", "--temperature", "0.6"]) == 0
+    summary = json.loads((tmp_path / "tiny" / "eval" / "eval_summary.json").read_text())
+    assert summary["n_problems"] == 6 and "pass@2" in summary
+    assert summary["mean_response_length"] <= 128 - 1
 
 
 def test_plot_cli_overlays_runs(tmp_path, capsys):
@@ -59,5 +82,6 @@ def test_plot_cli_overlays_runs(tmp_path, capsys):
     out = tmp_path / "c.png"
     assert main(["plot", f"base={path}:eval_before", f"rl={path}:eval_after", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(Exception, match="eval_middle"):
-        main(["plot", f"{path}:eval_middle", "--out", str(out)])
+    capsys.readouterr()
+    assert main(["plot", f"{path}:eval_middle", "--out", str(out)]) == 2
+    assert "no metrics object under 'eval_middle'" in capsys.readouterr().err

