@@ -14,8 +14,9 @@ Rows are counted with the trainer's own micro-batching (`RolloutBatch.chunks` fo
 positives first; `RolloutBatch.micro_batches` per mini-batch for the update), padded ([b, L-1]
 positions per micro-batch) and packed (one row of all tokens). Batches:
 
-- demo: the `tiny` preset's step, with real rollouts: the warm-started policy (the preset's
-  supervised warm start) samples the first step's 32 prompts x 16 responses;
+- demo: the `tiny` preset's step: 32 of its real prompts x 16 responses with the lengths of
+  reference solutions (what the warm start imitates; sampling the warm-started policy takes
+  minutes, and its response lengths follow the solutions');
 - paper: shaped like the ResRL paper's recipe (Qwen3-4B: D=2560, V=151936; 256 prompts x 4
   responses, mini-batch 64 prompts, so 4 updates and old log-probs), prompts of 200-600 tokens,
   responses of 256-4096 tokens (uniform, seeded) with one in five cut at 4096.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -42,32 +42,38 @@ from resrl.batch import RolloutBatch  # noqa: E402
 FWD, FWD_BWD_RECOMPUTE, FWD_BWD_FUSED = 2, 8, 6
 
 
-def demo_batch(sft_steps: int | None) -> tuple[RolloutBatch, dict]:
-    """The `tiny` preset's first rollout batch after its warm start (or `sft_steps` steps)."""
+def demo_batch(seed: int = 0) -> tuple[RolloutBatch, dict]:
+    """The `tiny` preset's step: its first 32 training prompts (the real token ids) x 16 responses
+    whose lengths are those of reference solutions (+ EOS, what the warm start imitates, capped at
+    rollout.max_new_tokens), drawn at random from the training set."""
     from resrl.config import resolve
-    from resrl.trainer import Trainer
+    from resrl.loading import PromptSampler, load_task
+    from resrl.sft import solution_ids
 
-    with tempfile.TemporaryDirectory() as tmp:
-        extra = [] if sft_steps is None else [f"sft.steps={sft_steps}"]
-        cfg = resolve(
-            "tiny",
-            overrides=[*extra, f"run.out_dir={tmp}", "run.tensorboard=false", "run.progress=false"],
-        )
-        trainer = Trainer(cfg)
-        trainer.warm_start()
-        batch = trainer.rollout(trainer.sampler.next(), 0)
-        model = trainer.model
-        shape = {
-            "V": model.lm_head.weight.shape[0],
-            "D": model.lm_head.weight.shape[1],
-            "group": cfg.rollout.n,
-            "mini_batch_prompts": cfg.train.mini_batch_prompts,
-            "micro_batch_size": cfg.train.micro_batch_size,
-            "max_tokens_per_micro_batch": cfg.train.max_tokens_per_micro_batch,
-            "updates": cfg.train.prompts_per_step
-            // cfg.train.mini_batch_prompts
-            * cfg.train.epochs_per_batch,
-        }
+    cfg = resolve("tiny")
+    tokenizer, train_set, _ = load_task(cfg)
+    lengths = [min(len(s), cfg.rollout.max_new_tokens) for s in solution_ids(train_set.examples, tokenizer)]
+    sampler = PromptSampler(len(train_set.examples), cfg.train.prompts_per_step, seed=seed, shuffle=True)
+    gen = torch.Generator().manual_seed(seed)
+    prompts, responses, positive, group = [], [], [], []
+    for slot in sampler.next():
+        for j in range(cfg.rollout.n):
+            n = lengths[int(torch.randint(len(lengths), (1,), generator=gen))]
+            prompts.append(train_set.prompt_ids[slot])
+            responses.append([1] * n)
+            positive.append(j % 2 == 0)
+            group.append(slot)
+    batch = RolloutBatch.scored(prompts, responses, positive, group)
+    m = cfg.model
+    shape = {
+        "V": len(tokenizer),
+        "D": m.hidden_size,
+        "group": cfg.rollout.n,
+        "mini_batch_prompts": cfg.train.mini_batch_prompts,
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "max_tokens_per_micro_batch": cfg.train.max_tokens_per_micro_batch,
+        "updates": cfg.train.prompts_per_step // cfg.train.mini_batch_prompts * cfg.train.epochs_per_batch,
+    }
     return batch, shape
 
 
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--batches {args.batches!r}: accepted: demo, paper")
     results = []
     for name in wanted:
-        batch, shape = demo_batch(args.demo_sft_steps) if name == "demo" else paper_batch()
+        batch, shape = demo_batch() if name == "demo" else paper_batch()
         for packed in (False, True):
             results.append({"batch": name, "shape": shape, **count(batch, shape, packed)})
     print(table(results))

@@ -13,13 +13,14 @@ The Triton path runs the same function in two passes: `logprob_forward` (log-pro
 entropies of all N tokens), the token loss and its gradient on the host, then `logprob_backward`
 with those coefficients (8·N·V·D, the gradients again formed in the forward).
 
-Memory: the PyTorch path holds one chunk's logits (two [C, V] fp32 buffers, C from
-`kernels.chunked.chunk_rows`) and the fp32 weight gradient [V, D]; both paths keep the hidden and
+Memory: the PyTorch path holds one chunk's logits (two [C, V] fp32 buffers within
+`RESRL_WORKSPACE_MB`, see `chunk_rows`) and the fp32 weight gradient [V, D]; both paths keep the hidden and
 weight gradients ([N, D] and [V, D] in the inputs' dtypes) from the forward to the backward.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -32,12 +33,27 @@ from kernels._dispatch import (
     select_impl,
     value_checks_enabled,
 )
-from kernels.chunked import chunk_rows
 from kernels.linear_logprob import logprob_backward, logprob_forward
 from kernels.reference import linear_logprob_reference
 
 # (logprob_C [C] fp32, entropy_C [C] fp32 or None, rows: the slice of the N tokens) -> 0-dim loss.
 TokenLoss = Callable[[torch.Tensor, "torch.Tensor | None", slice], torch.Tensor]
+
+
+def chunk_rows(n: int, v: int) -> int:
+    """Tokens per chunk on the PyTorch path: two [C, V] fp32 buffers within `RESRL_WORKSPACE_MB`
+    (default 256). Larger than `linear_logprob`'s 16 MiB chunks on purpose: every chunk adds a
+    rank-C update into the whole [V, D] weight gradient and reads W twice, so on a CPU small
+    chunks are bound by memory traffic, not FLOPs (measured in bench/bench_fused_loss.py:
+    64-token chunks took 2-3x the time of full logits at V=65536; 512-token chunks do not)."""
+    raw = os.environ.get("RESRL_WORKSPACE_MB", "256")
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if not mb > 0:
+        raise ValueError(f"RESRL_WORKSPACE_MB={raw!r} must be a positive number of MiB")
+    return max(1, min(n, int(mb * 2**20) // (2 * 4 * max(v, 1))))
 
 
 def _chunk_loss_and_grads(

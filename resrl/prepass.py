@@ -6,6 +6,9 @@ first negative sequence is forwarded, every mixed group's positive pool is compl
 built, so each negative token's distance is computed straight from the forward and only one float
 per token is kept (the subspace hidden states of negatives are never stored). The result equals
 `resrl.algorithms.resrl_token_weights` on the gathered tokens (tested).
+
+Only response rows are read (`forward_logprobs(positions=...)`): the LM head scores them alone,
+and not at all when no old log-probs are wanted (an on-policy ResRL update needs only the trunk).
 """
 
 from __future__ import annotations

@@ -259,3 +259,14 @@ def test_bad_input_fails_clearly(monkeypatch):
         PolicyTokenLoss(torch.ones(5), torch.ones(5), old_logprob=torch.zeros(4))
     with pytest.raises(ValueError, match="tis_cap=2 must be >= 0 and needs sample_logprob"):
         PolicyTokenLoss(torch.ones(5), torch.ones(5), tis_cap=2)
+
+
+def test_chunk_rows_follow_the_workspace_budget(monkeypatch):
+    monkeypatch.setenv("RESRL_WORKSPACE_MB", "1")
+    # Two [C, V] fp32 buffers in 1 MiB: C = 2**20 // (8 V).
+    assert fused_loss.chunk_rows(10_000, 1024) == 128
+    assert fused_loss.chunk_rows(5, 1024) == 5
+    assert fused_loss.chunk_rows(10, 2**20) == 1
+    monkeypatch.setenv("RESRL_WORKSPACE_MB", "0")
+    with pytest.raises(ValueError, match="RESRL_WORKSPACE_MB='0' must be a positive number of MiB"):
+        fused_loss.chunk_rows(10, 10)
