@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.record:
         require_green_tests(["tests/test_fused_loss.py"])
     env = environment(torch.device("cpu"))
-    print(f"N={n} D={d} V={v} fp32, {os.cpu_count()} CPUs; full logits alone are {n * v * 4 / 2**20:.0f} MiB")
+    print(
+        f"N={n} D={d} V={v} fp32, {os.cpu_count()} CPUs, RESRL_WORKSPACE_MB="
+        f"{os.environ.get('RESRL_WORKSPACE_MB', '256')}; full logits alone are {n * v * 4 / 2**20:.0f} MiB"
+    )
     runs: dict[str, list[dict]] = {i: [] for i in impls}
     for _ in range(args.rounds):
         for name in impls:
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "v": v,
             "dtype": "fp32",
             "cpus": os.cpu_count(),
+            "workspace_mb": float(os.environ.get("RESRL_WORKSPACE_MB", "256")),
             "ms_fwdbwd_median": statistics.median(per_round),
             "ms_fwdbwd_rounds": per_round,
             "peak_extra_bytes": peak,

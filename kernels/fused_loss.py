@@ -45,7 +45,7 @@ def chunk_rows(n: int, v: int) -> int:
     (default 256). Larger than `linear_logprob`'s 16 MiB chunks on purpose: every chunk adds a
     rank-C update into the whole [V, D] weight gradient and reads W twice, so on a CPU small
     chunks are bound by memory traffic, not FLOPs (measured in bench/bench_fused_loss.py:
-    64-token chunks took 2-3x the time of full logits at V=65536; 512-token chunks do not)."""
+    64-token chunks took 1.4-2.9x the time of full logits at V=65536; 512-token chunks do not)."""
     raw = os.environ.get("RESRL_WORKSPACE_MB", "256")
     try:
         mb = float(raw)
