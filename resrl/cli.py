@@ -447,7 +447,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["held_out", "train"], default="held_out")
     p.add_argument("--out", required=True, help="JSONL path to write")
     p.set_defaults(func=cmd_data_export)
+    p = sub.add_parser(
+        "estimate",
+        help="peak GPU memory of one ResRL step of a Qwen3 size, estimated on the CPU (fake tensors)",
+        description="Peak device memory per phase (pre-pass, update, optimizer) of one ResRL step, "
+        "resrl's path and the reference recipe's (full fp32 logits, every layer's hidden states), "
+        "bf16, one GPU; batch defaults: the qwen3-4b-math-resrl preset. See resrl/estimate.py.",
+        parents=[debug],
+    )
+    p.add_argument("--model", required=True, help="qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b or qwen3-14b")
+    p.add_argument("--offload", action="store_true", help="FSDP2 CPU offload of parameters and optimizer")
+    p.add_argument(
+        "--gpu-mem", type=_float_in(0.0, 1e6, low_open=True), default=80.0, help="GiB (default 80)"
+    )
+    p.add_argument(
+        "--reserve", type=_float_in(0.0, 1e6), default=2.0, help="GiB kept for CUDA context, workspaces (2)"
+    )
+    for name, default, low in (
+        ("prompts", 256, 1),
+        ("n", 4, 1),
+        ("mini-batch-prompts", 64, 1),
+        ("prompt-len", 2048, 1),
+        ("response-len", 4096, 1),
+        ("micro-batch-size", 8, 1),
+        ("micro-batch-tokens", 0, 0),
+    ):
+        p.add_argument(f"--{name}", type=_int_at_least(low), default=default, help=f"default {default}")
+    p.add_argument("--positives", type=_int_at_least(0), help="positive responses per group (default n/2)")
+    p.add_argument("--no-checkpointing", action="store_true", help="keep every block's activations")
+    p.set_defaults(func=cmd_estimate)
     return parser
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from resrl.estimate import main as estimate_main
+
+    return estimate_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
