@@ -170,6 +170,24 @@ def _workloads(ranks: tuple[int, ...]) -> list[tuple[str, Callable[[], None]]]:
                 ll.logprob_backward(hidden, weight, target, lse, ent, grad, grad_entropy, 0.7, True, True)
 
         out.append((f"linear_logprob {tag}", lm_head))
+
+        def lm_head_two_part(dtype=dtype):
+            # R²PO's rollout head: a second part h2 [N, D2], W2 [V, D2] (D2 = D there), looped into
+            # the same logits tile (TWO_PART=True); the backward with all four gradients wanted.
+            hidden = torch.empty(n, d, dtype=dtype, device=meta)
+            weight = torch.empty(v, d, dtype=dtype, device=meta)
+            hidden2 = torch.empty(n, d, dtype=dtype, device=meta)
+            weight2 = torch.empty(v, d, dtype=dtype, device=meta)
+            target = torch.empty(n, dtype=torch.int64, device=meta)
+            _, lse, ent = ll.logprob_forward(hidden, weight, target, 0.7, hidden2, weight2)
+            grad = torch.empty(n, dtype=torch.float32, device=meta)
+            for grad_entropy in (grad, None):
+                ll.logprob_backward(
+                    hidden, weight, target, lse, ent, grad, grad_entropy, 0.7, True, True,
+                    hidden2, weight2, True, True,
+                )  # fmt: skip
+
+        out.append((f"linear_logprob two-part {tag}", lm_head_two_part))
         for k in ranks:
 
             def residual(dtype=dtype, k=k):

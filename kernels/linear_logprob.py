@@ -42,15 +42,21 @@ from kernels.chunked import chunked_backward, chunked_forward
 def _logprob_fwd_kernel(
     h_ptr,
     w_ptr,
+    h2_ptr,  # [N, D2] second part (TWO_PART), else None
+    w2_ptr,  # [V, D2] second part (TWO_PART), else None
     tgt_ptr,
     part_ptr,  # [4, SPLITS, N] fp32: running max, Σe^{z-m}, Σe^{z-m}(z-m), target logit
     N,
     V,
     D,
+    D2,
     v_per_split,
     stride_hn,
     stride_wv,
+    stride_h2n,
+    stride_w2v,
     inv_t,
+    TWO_PART: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -68,6 +74,8 @@ def _logprob_fwd_kernel(
     local_n = tl.arange(0, BLOCK_N)
     local_v = tl.arange(0, BLOCK_V)
     h_blk = h_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_hn
+    if TWO_PART:
+        h2_blk = h2_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_h2n
 
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
@@ -98,6 +106,27 @@ def _logprob_fwd_kernel(
                 h = h.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+        if TWO_PART:
+            # The second K-loop, over (h2, W2), into the same tile: z = (h·Wᵀ + h2·W2ᵀ)/T without
+            # a [V, D+D2] weight. Compiled out of the one-part kernel (TWO_PART is a constexpr).
+            w2_blk = w2_ptr + tl.cast(v0, tl.int64) * stride_w2v
+            for d0 in range(0, D2, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_mask = offs_d < D2
+                h2 = tl.load(
+                    h2_blk + local_n[:, None] * stride_h2n + offs_d[None, :],
+                    mask=row_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )  # [BLOCK_N, BLOCK_D]
+                w2 = tl.load(
+                    w2_blk + local_v[:, None] * stride_w2v + offs_d[None, :],
+                    mask=col_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )  # [BLOCK_V, BLOCK_D]
+                if CAST_F32:
+                    h2 = h2.to(tl.float32)
+                    w2 = w2.to(tl.float32)
+                acc = tl.dot(h2, tl.trans(w2), acc, input_precision=PRECISION)
         z = tl.where(col_mask[None, :], acc * inv_t, float("-inf"))  # [BLOCK_N, BLOCK_V]
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # First tile: m = -inf, s = t = 0; keep the rescale finite.
@@ -123,6 +152,8 @@ def _logprob_fwd_kernel(
 def _dlogits_kernel(
     h_ptr,
     w_ptr,
+    h2_ptr,  # [N, D2] second part (TWO_PART), else None
+    w2_ptr,  # [V, D2] second part (TWO_PART), else None
     tgt_ptr,
     lse_ptr,
     ent_ptr,
@@ -132,13 +163,17 @@ def _dlogits_kernel(
     N,
     V,
     D,
+    D2,
     v_offset,
     vc,
     stride_hn,
     stride_wv,
+    stride_h2n,
+    stride_w2v,
     stride_dzn,
     inv_t,
     HAS_ENT: tl.constexpr,
+    TWO_PART: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -179,6 +214,27 @@ def _dlogits_kernel(
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+    if TWO_PART:
+        # The logits recomputed with the second part, as in the forward.
+        h2_blk = h2_ptr + row0 * stride_h2n
+        w2_blk = w2_ptr + (v_offset + pid_v * BLOCK_V).to(tl.int64) * stride_w2v
+        for d0 in range(0, D2, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D2
+            h2 = tl.load(
+                h2_blk + local_n[:, None] * stride_h2n + offs_d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            w2 = tl.load(
+                w2_blk + local_v[:, None] * stride_w2v + offs_d[None, :],
+                mask=col_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            if CAST_F32:
+                h2 = h2.to(tl.float32)
+                w2 = w2.to(tl.float32)
+            acc = tl.dot(h2, tl.trans(w2), acc, input_precision=PRECISION)
 
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -200,13 +256,18 @@ def _dlogits_kernel(
     )
 
 
-def _tile_config(dtype: torch.dtype) -> dict:
+def _tile_config(dtype: torch.dtype, two_part: bool = False) -> dict:
     """Tiles and launch options per input dtype; `launch_fwd` for the forward, `launch` for dlogits.
 
     Checked for sm_90 by `python -m kernels._aot` (no spills, 16-bit dots on wgmma; triton 3.2
     and 3.6 to 3.9). The 16-bit forward holds the [128, 128] fp32 logits tile and its online-softmax
     temporaries at 255 registers: with three stages triton 3.9 spilled 8 bytes; four stages (128
     KiB of shared memory, one block per SM as the registers already allow) did not.
+
+    The two-part 16-bit forward (a second K-loop in the same kernel) spilled 40 bytes at that
+    config with 3, 4 or 5 stages (triton 3.9); with 32-wide K tiles (`BLOCK_D_FWD`) it did not
+    spill at 3 to 6 stages, and keeps the [128, 128] tile and four stages (64 KiB of shared
+    memory). Its dlogits kernel keeps the one-part config (188 registers, no spill).
     """
     if interpreting():
         return dict(
@@ -217,14 +278,19 @@ def _tile_config(dtype: torch.dtype) -> dict:
         return dict(
             BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, CAST_F32=False, PRECISION="ieee", launch=launch, launch_fwd=launch,
         )  # fmt: skip
-    return dict(
+    cfg = dict(
         BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, CAST_F32=False, PRECISION="tf32",
         launch=dict(num_warps=8, num_stages=3), launch_fwd=dict(num_warps=8, num_stages=4),
     )  # fmt: skip
+    if two_part:
+        cfg["BLOCK_D_FWD"] = 32
+    return cfg
 
 
 def _kernel_args(cfg: dict, forward: bool) -> tuple[dict, dict]:
     consts = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "CAST_F32", "PRECISION")}
+    if forward and "BLOCK_D_FWD" in cfg:
+        consts["BLOCK_D"] = cfg["BLOCK_D_FWD"]
     return consts, cfg["launch_fwd" if forward else "launch"]
 
 
@@ -240,13 +306,36 @@ def _num_splits(n: int, v: int, block_n: int, block_v: int, device: torch.device
     return max(1, min(v_tiles, triton.cdiv(target, n_blocks)))
 
 
+def _second_part(
+    hidden2_ND2: torch.Tensor | None, weight2_VD2: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int | None, int | None, int | None, bool]:
+    """Kernel arguments of the optional second part: (h2, W2, D2, h2 row stride, W2 row stride, TWO_PART).
+
+    Without one, all five are None, which Triton turns into constexprs, and TWO_PART=False compiles
+    the second K-loop out: the one-part kernels keep the runtime parameters and the binaries they
+    had before the second part existed (plain 0 ints instead of None changed ptxas's register
+    allocation: 8 bytes of spill in the 16-bit forward on sm_90)."""
+    if hidden2_ND2 is None:
+        return None, None, None, None, None, False
+    return hidden2_ND2, weight2_VD2, hidden2_ND2.shape[1], hidden2_ND2.stride(0), weight2_VD2.stride(0), True
+
+
 def logprob_forward(
-    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, target_N: torch.Tensor, temperature: float
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    target_N: torch.Tensor,
+    temperature: float,
+    hidden2_ND2: torch.Tensor | None = None,
+    weight2_VD2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel; returns (logprob [N], lse [N], entropy [N]), all fp32."""
+    """Launch the forward kernel; returns (logprob [N], lse [N], entropy [N]), all fp32.
+
+    With `hidden2_ND2` [N, D2] and `weight2_VD2` [V, D2] (both contiguous, the dtype of hidden) the
+    logits are (hidden·weightᵀ + hidden2·weight2ᵀ)/T, summed in the kernel's fp32 tile."""
     n, d = hidden_ND.shape
     v = weight_VD.shape[0]
-    cfg = _tile_config(hidden_ND.dtype)
+    h2, w2, d2, stride_h2n, stride_w2v, two_part = _second_part(hidden2_ND2, weight2_VD2)
+    cfg = _tile_config(hidden_ND.dtype, two_part)
     consts, launch = _kernel_args(cfg, forward=True)
     splits = _num_splits(n, v, cfg["BLOCK_N"], cfg["BLOCK_V"], hidden_ND.device)
     v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
@@ -254,8 +343,9 @@ def logprob_forward(
     part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden_ND.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), splits)
     _logprob_fwd_kernel[grid](
-        hidden_ND, weight_VD, target_N, part, n, v, d, v_per_split,
-        hidden_ND.stride(0), weight_VD.stride(0), 1.0 / temperature, **consts, **launch,
+        hidden_ND, weight_VD, h2, w2, target_N, part, n, v, d, d2, v_per_split,
+        hidden_ND.stride(0), weight_VD.stride(0), stride_h2n, stride_w2v, 1.0 / temperature,
+        TWO_PART=two_part, **consts, **launch,
     )  # fmt: skip
     m, s, t, tgt_logit = part.unbind(0)  # each [SPLITS, N]
     m_max = m.max(0).values
@@ -311,18 +401,36 @@ def logprob_backward(
     temperature: float,
     need_hidden: bool,
     need_weight: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    hidden2_ND2: torch.Tensor | None = None,
+    weight2_VD2: torch.Tensor | None = None,
+    need_hidden2: bool = False,
+    need_weight2: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients from the upstream gradients of log-prob (and entropy), chunk by chunk over V.
+
+    Returns (grad_hidden, grad_weight), or with a second part (`hidden2_ND2` [N, D2], `weight2_VD2`
+    [V, D2]) (grad_hidden, grad_weight, grad_hidden2, grad_weight2); None where not needed. Each
+    chunk's dz [N, VC] is recomputed from both parts once, then only the GEMMs of the gradients
+    asked for run: grad_h += dz·W_c and grad_h2 += dz·W2_c (fp32 accumulators across chunks),
+    grad_W[c] = dzᵀ·h and grad_W2[c] = dzᵀ·h2 (each row written once by a GEMM over all N).
+    """
     n, d = hidden_ND.shape
     v = weight_VD.shape[0]
-    cfg = _tile_config(hidden_ND.dtype)
+    h2, w2, d2, stride_h2n, stride_w2v, two_part = _second_part(hidden2_ND2, weight2_VD2)
+    need_hidden2 = two_part and need_hidden2
+    need_weight2 = two_part and need_weight2
+    cfg = _tile_config(hidden_ND.dtype, two_part)
     consts, launch = _kernel_args(cfg, forward=False)
     block_v = cfg["BLOCK_V"]
     bytes_per_col = n * hidden_ND.element_size()
     vc = max(block_v, (_workspace_bytes() // bytes_per_col) // block_v * block_v)
     vc = min(vc, triton.cdiv(v, block_v) * block_v)
-    dz = torch.empty(n, vc, dtype=hidden_ND.dtype, device=hidden_ND.device)
-    grad_h_f32 = torch.zeros(n, d, dtype=torch.float32, device=hidden_ND.device) if need_hidden else None
+    device = hidden_ND.device
+    dz = torch.empty(n, vc, dtype=hidden_ND.dtype, device=device)
+    grad_h_f32 = torch.zeros(n, d, dtype=torch.float32, device=device) if need_hidden else None
     grad_w = torch.empty_like(weight_VD) if need_weight else None
+    grad_h2_f32 = torch.zeros(n, d2, dtype=torch.float32, device=device) if need_hidden2 else None
+    grad_w2 = torch.empty_like(weight2_VD2) if need_weight2 else None
     has_ent = grad_entropy_N is not None
     ent = entropy_N if has_ent else lse_N
     g_ent = grad_entropy_N if has_ent else lse_N
@@ -330,23 +438,33 @@ def logprob_backward(
         width = min(vc, v - v0)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(width, block_v))
         _dlogits_kernel[grid](
-            hidden_ND, weight_VD, target_N, lse_N, ent, grad_logprob_N, g_ent, dz,
-            n, v, d, v0, width, hidden_ND.stride(0), weight_VD.stride(0), dz.stride(0),
-            1.0 / temperature, HAS_ENT=has_ent, **consts, **launch,
+            hidden_ND, weight_VD, h2, w2, target_N, lse_N, ent, grad_logprob_N, g_ent, dz,
+            n, v, d, d2, v0, width, hidden_ND.stride(0), weight_VD.stride(0), stride_h2n, stride_w2v,
+            dz.stride(0), 1.0 / temperature, HAS_ENT=has_ent, TWO_PART=two_part, **consts, **launch,
         )  # fmt: skip
         dz_c = dz[:, :width]
         if need_hidden:
             _accumulate_mm(grad_h_f32, dz_c, weight_VD[v0 : v0 + width])
+        if need_hidden2:
+            _accumulate_mm(grad_h2_f32, dz_c, weight2_VD2[v0 : v0 + width])
         if need_weight:
             torch.mm(dz_c.T, hidden_ND, out=grad_w[v0 : v0 + width])
+        if need_weight2:
+            torch.mm(dz_c.T, hidden2_ND2, out=grad_w2[v0 : v0 + width])
     grad_h = grad_h_f32.to(hidden_ND.dtype) if need_hidden else None
-    return grad_h, grad_w
+    if not two_part:
+        return grad_h, grad_w
+    grad_h2 = grad_h2_f32.to(hidden2_ND2.dtype) if need_hidden2 else None
+    return grad_h, grad_w, grad_h2, grad_w2
 
 
 # The custom ops: the autograd and tracing layer over both paths. `impl` ("triton" or "torch") is
 # chosen by the public function and passed in, so a traced graph records which path it runs.
 # Outputs of the forward: logprob [N], lse [N] (kept for the backward) and entropy ([N], or [0]
-# when not asked for), all fp32. Custom ops cannot return None: unneeded gradients are [0].
+# when not asked for), all fp32. The optional second part (hidden2 [N, D2], weight2 [V, D2]) comes
+# last with a default, so one-part calls keep their form. Custom ops cannot return None: the
+# backward op returns four tensors, [0] for each gradient not asked for, and the autograd formula
+# turns those into None.
 
 
 @torch.library.custom_op("resrl::linear_logprob", mutates_args=())
@@ -357,18 +475,22 @@ def linear_logprob_op(
     temperature: float,
     return_entropy: bool,
     impl: str,
+    hidden2: torch.Tensor | None = None,
+    weight2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if impl == "torch":
-        logprob_N, lse_N, entropy_N = chunked_forward(hidden, weight, target, temperature, return_entropy)
+        logprob_N, lse_N, entropy_N = chunked_forward(
+            hidden, weight, target, temperature, return_entropy, hidden2, weight2
+        )
     else:
-        logprob_N, lse_N, entropy_N = logprob_forward(hidden, weight, target, temperature)
+        logprob_N, lse_N, entropy_N = logprob_forward(hidden, weight, target, temperature, hidden2, weight2)
     if not return_entropy:
         entropy_N = lse_N.new_empty(0)
     return logprob_N, lse_N, entropy_N
 
 
 @linear_logprob_op.register_fake
-def _(hidden, weight, target, temperature, return_entropy, impl):
+def _(hidden, weight, target, temperature, return_entropy, impl, hidden2=None, weight2=None):
     n = hidden.shape[0]
     logprob_N = hidden.new_empty(n, dtype=torch.float32)
     return (
@@ -391,22 +513,20 @@ def linear_logprob_backward_op(
     need_hidden: bool,
     need_weight: bool,
     impl: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden2: torch.Tensor | None = None,
+    weight2: torch.Tensor | None = None,
+    need_hidden2: bool = False,
+    need_weight2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     backward = chunked_backward if impl == "torch" else logprob_backward
-    grad_h, grad_w = backward(
-        hidden,
-        weight,
-        target,
-        lse,
-        entropy,
-        grad_logprob,
-        grad_entropy,
-        temperature,
-        need_hidden,
-        need_weight,
-    )
-    empty = hidden.new_empty(0)
-    return (empty if grad_h is None else grad_h), (empty.clone() if grad_w is None else grad_w)
+    grads = backward(
+        hidden, weight, target, lse, entropy, grad_logprob, grad_entropy, temperature,
+        need_hidden, need_weight, hidden2, weight2, need_hidden2, need_weight2,
+    )  # fmt: skip
+    if hidden2 is None:  # the one-part host functions return (grad_hidden, grad_weight)
+        grads = (*grads, None, None)
+    # Outputs must not alias one another: a fresh [0] for each gradient not computed.
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
 
 
 @linear_logprob_backward_op.register_fake
@@ -422,35 +542,86 @@ def _(
     need_hidden,
     need_weight,
     impl,
+    hidden2=None,
+    weight2=None,
+    need_hidden2=False,
+    need_weight2=False,
 ):
-    grad_h = hidden.new_empty(hidden.shape if need_hidden else (0,))
-    return grad_h, weight.new_empty(weight.shape if need_weight else (0,))
+    two_part = hidden2 is not None
+    return (
+        hidden.new_empty(hidden.shape if need_hidden else (0,)),
+        weight.new_empty(weight.shape if need_weight else (0,)),
+        hidden.new_empty(hidden2.shape if two_part and need_hidden2 else (0,)),
+        hidden.new_empty(weight2.shape if two_part and need_weight2 else (0,)),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, target, temperature, return_entropy, impl = inputs
+    hidden, weight, target, temperature, return_entropy, impl, hidden2, weight2 = inputs
     _, lse_N, entropy_N = output
-    ctx.save_for_backward(hidden, weight, target, lse_N, entropy_N)
+    ctx.save_for_backward(hidden, weight, target, lse_N, entropy_N, hidden2, weight2)
     ctx.temperature, ctx.return_entropy, ctx.impl = temperature, return_entropy, impl
 
 
 def _backward(ctx, grad_logprob_N, grad_lse_N, grad_entropy_N):
     # grad_lse_N is ignored: lse is an internal output the public function never returns.
-    hidden, weight, target, lse_N, entropy_N = ctx.saved_tensors
-    need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    hidden, weight, target, lse_N, entropy_N, hidden2, weight2 = ctx.saved_tensors
+    # Inputs: hidden, weight, target, temperature, return_entropy, impl, hidden2, weight2. A
+    # gradient not needed (a detached trunk or LM head, as in R²PO's stage A) costs no GEMM. The
+    # dispatcher drops trailing arguments equal to their defaults, so a one-part call has six.
+    n_inputs = len(ctx.needs_input_grad)
+    need = (*ctx.needs_input_grad, False, False)
+    need_hidden, need_weight, need_hidden2, need_weight2 = need[0], need[1], need[6], need[7]
     if grad_logprob_N is None:
         grad_logprob_N = torch.zeros_like(lse_N)
     if not ctx.return_entropy:
         grad_entropy_N = None
-    grad_h, grad_w = linear_logprob_backward_op(
+    second = () if hidden2 is None else (hidden2, weight2, need_hidden2, need_weight2)
+    grad_h, grad_w, grad_h2, grad_w2 = linear_logprob_backward_op(
         hidden, weight, target, lse_N, entropy_N, grad_logprob_N.float().contiguous(),
         None if grad_entropy_N is None else grad_entropy_N.float().contiguous(),
-        ctx.temperature, need_hidden, need_weight, ctx.impl,
+        ctx.temperature, need_hidden, need_weight, ctx.impl, *second,
     )  # fmt: skip
-    return (grad_h if need_hidden else None), (grad_w if need_weight else None), None, None, None, None
+    grads = (
+        grad_h if need_hidden else None,
+        grad_w if need_weight else None,
+        None,
+        None,
+        None,
+        None,
+        grad_h2 if need_hidden2 else None,
+        grad_w2 if need_weight2 else None,
+    )
+    return grads[:n_inputs]
 
 
 linear_logprob_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_second_part(hidden: torch.Tensor, weight: torch.Tensor, hidden2: object, weight2: object) -> None:
+    """The optional second part: both or neither, 2-D, the dtype of hidden, N and V matching, one D2.
+
+    Every violation is a one-line ValueError naming the argument and what it accepts."""
+    if (hidden2 is None) != (weight2 is None):
+        given, missing = ("hidden2", "weight2") if weight2 is None else ("weight2", "hidden2")
+        raise ValueError(f"{given} was given without {missing}: pass both (a second part) or neither")
+    n, v = hidden.shape[0], weight.shape[0]
+    for name, t, rows, what in (("hidden2", hidden2, n, "N"), ("weight2", weight2, v, "V")):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have 2 dims, got shape {tuple(t.shape)}")
+        if t.dtype != hidden.dtype:
+            dtype, want = (str(x).replace("torch.", "") for x in (t.dtype, hidden.dtype))
+            raise ValueError(f"{name} has dtype {dtype}; accepted: {want} (the dtype of hidden and weight)")
+        if t.shape[0] != rows:
+            base = "hidden" if name == "hidden2" else "weight"
+            raise ValueError(f"{name} has {t.shape[0]} rows but {base} has {what}={rows}: {what} must match")
+    if hidden2.shape[1] != weight2.shape[1]:
+        raise ValueError(
+            f"hidden2 is [N={n}, D2={hidden2.shape[1]}] but weight2 is [V={v}, D2={weight2.shape[1]}]: "
+            "D2 must match"
+        )
 
 
 def linear_logprob(
@@ -460,8 +631,11 @@ def linear_logprob(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    hidden2: torch.Tensor | None = None,
+    weight2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-softmax of `hidden @ weight.T / temperature` at `target`, and optionally its entropy.
+    """Log-softmax of `(hidden @ weight.T + hidden2 @ weight2.T) / temperature` at `target`, and
+    optionally its entropy.
 
     Args:
         hidden: [N, D] fp32, bf16 or fp16 (final hidden states; any N, including 1).
@@ -469,15 +643,22 @@ def linear_logprob(
         target: [N] int64 (int32 accepted) token ids in [0, V).
         temperature: > 0; logits are divided by it (sampling and training alike).
         return_entropy: also return the entropy of each token's distribution.
+        hidden2, weight2: an optional second part, [N, D2] and [V, D2] (D2 may differ from D), same
+            dtype and device as `hidden`; both or neither. The logits become h·Wᵀ + h2·W2ᵀ, the
+            concatenated form [h | h2]·[W | W2]ᵀ without building [V, D+D2] (R²PO's rollout head:
+            h2 = ReLU(W1·h), W2 its output layer). None: exactly the one-part computation.
 
     Returns:
-        (logprob [N] fp32, entropy [N] fp32 or None). Differentiable w.r.t. `hidden` and
-        `weight` through both outputs; the [N, V] logits are never materialized.
+        (logprob [N] fp32, entropy [N] fp32 or None). Differentiable w.r.t. `hidden`, `weight`,
+        `hidden2` and `weight2` through both outputs, each gradient's GEMMs run only when that
+        tensor requires grad; the [N, V] logits are never materialized.
     """
     check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
     check_tensor("weight", weight, 2, FLOAT_DTYPES)
     check_tensor("target", target, 1, (torch.int64, torch.int32))
-    check_same_device(hidden=hidden, weight=weight, target=target)
+    if hidden2 is not None or weight2 is not None:
+        _check_second_part(hidden, weight, hidden2, weight2)
+    check_same_device(hidden=hidden, weight=weight, target=target, hidden2=hidden2, weight2=weight2)
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
     n, d = hidden.shape
@@ -493,18 +674,24 @@ def linear_logprob(
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     target = target.long()
     if value_checks_enabled() and n > 0:
-        raise_if_any(
-            {
-                f"target has ids outside the vocabulary [0, {v})": ((target < 0) | (target >= v)).any(),
-                "hidden contains NaN or Inf": ~torch.isfinite(hidden).all(),
-                "weight contains NaN or Inf": ~torch.isfinite(weight).all(),
-            }
-        )
+        checks = {
+            f"target has ids outside the vocabulary [0, {v})": ((target < 0) | (target >= v)).any(),
+            "hidden contains NaN or Inf": ~torch.isfinite(hidden).all(),
+            "weight contains NaN or Inf": ~torch.isfinite(weight).all(),
+        }
+        if hidden2 is not None:
+            checks["hidden2 contains NaN or Inf"] = ~torch.isfinite(hidden2).all()
+            checks["weight2 contains NaN or Inf"] = ~torch.isfinite(weight2).all()
+        raise_if_any(checks)
     if n == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0 + weight.sum() * 0
+        if hidden2 is not None:
+            empty = empty + hidden2.sum() * 0 + weight2.sum() * 0
         return empty, (empty.clone() if return_entropy else None)
     impl = select_impl(hidden.device)
+    second = () if hidden2 is None else (hidden2.contiguous(), weight2.contiguous())
     logprob_N, _, entropy_N = linear_logprob_op(
-        hidden.contiguous(), weight.contiguous(), target.contiguous(), temperature, return_entropy, impl
-    )
+        hidden.contiguous(), weight.contiguous(), target.contiguous(), temperature, return_entropy, impl,
+        *second,
+    )  # fmt: skip
     return logprob_N, (entropy_N if return_entropy else None)

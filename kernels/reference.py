@@ -34,6 +34,29 @@ def linear_logprob_reference(
     return logprob_N, entropy_N
 
 
+def linear_logprob_two_part_reference(
+    hidden: torch.Tensor,  # [N, D]
+    weight: torch.Tensor,  # [V, D]
+    hidden2: torch.Tensor,  # [N, D2]
+    weight2: torch.Tensor,  # [V, D2]
+    target: torch.Tensor,  # [N] int64
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The two-part logits h·Wᵀ + h2·W2ᵀ as the concatenated one-part form [h | h2]·[W | W2]ᵀ.
+
+    Builds the [N, D+D2] and [V, D+D2] concatenations (and the full logits); autograd splits the
+    gradients back through `cat`."""
+    return linear_logprob_reference(
+        torch.cat([hidden, hidden2], -1),
+        torch.cat([weight, weight2], -1),
+        target,
+        temperature=temperature,
+        return_entropy=return_entropy,
+    )
+
+
 def layer_norm_no_affine(x: torch.Tensor) -> torch.Tensor:
     """Parameter-free LayerNorm over the last dim with biased variance, at least float32."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
