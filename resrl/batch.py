@@ -116,6 +116,36 @@ class RolloutBatch:
         order = sorted(indices, key=lambda i: -self.length(i))
         return self.chunks(order, size, max_tokens)
 
+    def group_micro_batches(
+        self, indices: list[int], size: int, max_tokens: int = 0
+    ) -> tuple[list[list[int]], set[int]]:
+        """Micro-batches that hold whole prompt groups where a group fits one, and the ids of the
+        groups held whole (ResRL weighs those inside the update's forward, `resrl.weights`).
+
+        Groups are taken longest first (by their longest sequence: similar lengths share a padded
+        micro-batch) and packed greedily, up to `size` sequences (padded) or `max_tokens` tokens
+        (packing). A group that fits no micro-batch is cut like `micro_batches` after the others.
+        The plan depends on the set of `indices`, not their order (the trainer and the update
+        plan the same batch independently)."""
+        members: dict[int, list[int]] = {}
+        for i in sorted(indices):
+            members.setdefault(int(self.group[i]), []).append(i)
+        cost = (lambda m: sum(self.length(i) for i in m)) if max_tokens else len
+        limit = max_tokens or size
+        by_length = sorted(members, key=lambda g: (-max(self.length(i) for i in members[g]), g))
+        whole = [g for g in by_length if cost(members[g]) <= limit]
+        out: list[list[int]] = []
+        used = limit
+        for g in whole:
+            c = cost(members[g])
+            if used + c > limit:
+                out.append([])
+                used = 0
+            out[-1].extend(members[g])
+            used += c
+        rest = [i for g in by_length if cost(members[g]) > limit for i in members[g]]
+        return out + self.micro_batches(rest, size, max_tokens), set(whole)
+
     def length(self, i: int) -> int:
         return len(self.prompt_ids[i]) + len(self.response_ids[i])
 

@@ -218,6 +218,10 @@ class AlgorithmConfig:
     """ResRL: upper quantile of the distance normalization."""
     min_weight: float = 0.1
     """ResRL: xi, the weight of negative tokens inside the positive subspace."""
+    resrl_weights: str = "auto"
+    """ResRL: where the token weights are formed. auto: inside the update's own forward for groups
+    a micro-batch holds whole when the update is on-policy (no second trunk forward), the pre-pass
+    for the rest; prepass: always the no-grad pre-pass. Same weights either way (to rounding)."""
 
     def validate(self) -> None:
         _choice("algorithm.objective", self.objective, OBJECTIVES)
@@ -225,6 +229,7 @@ class AlgorithmConfig:
         _choice("algorithm.agg", self.agg, AGG_MODES)
         _choice("algorithm.kl_kind", self.kl_kind, KL_KINDS)
         _choice("algorithm.subspace_layer", self.subspace_layer, ("penultimate", "final"))
+        _choice("algorithm.resrl_weights", self.resrl_weights, ("auto", "prepass"))
         if not -1.0 <= self.negative_reward <= 0.0:
             _fail(
                 "algorithm.negative_reward",
@@ -603,6 +608,7 @@ RESUME_SAFE_KEYS = (
     "train.cpu_offload",
     "model.gradient_checkpointing",
     "model.attn_implementation",
+    "algorithm.resrl_weights",
     "rollout.gpu_memory_utilization",
 )
 # Keys that fix the shapes of the saved weights: not even run.resume=force can change them.

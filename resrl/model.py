@@ -9,6 +9,7 @@ taken by one forward pre-hook on the last decoder layer (`HiddenCapture`), never
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,6 +146,7 @@ def forward_logprobs(
     positions: torch.Tensor | None = None,  # [M] int64, into the [B * (L-1)] logprob layout
     logprobs: bool = True,
     token_loss: kernels.fused_loss.TokenLoss | None = None,
+    token_loss_fn: Callable[[torch.Tensor], kernels.fused_loss.TokenLoss] | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Log-prob of each next token under the model, without logits.
 
@@ -171,6 +173,11 @@ def forward_logprobs(
     gradient formed chunk by chunk while the logits exist. Adds "loss" (0-dim fp32,
     differentiable w.r.t. the trunk and the LM head); logprob and entropy ([M]; entropy when
     `return_entropy`) then come back detached, for metrics.
+
+    The loss from the same forward's hidden states (`token_loss_fn`, with `positions` and a
+    `subspace_layer`): called with `sub_hidden` [M, D] after the trunk and before the LM head, it
+    returns the token loss. The update's ResRL weights of whole groups are formed this way, so no
+    second trunk forward is needed for them (`resrl.weights.InlineWeights`).
 
     Runs `model.model` (the trunk) with position ids from the attention-mask cumsum, then
     `kernels.linear_logprob` (or `linear_logprob_loss`) on `model.lm_head.weight` (tied or not).
@@ -218,6 +225,12 @@ def forward_logprobs(
             )
     if token_loss is not None and (positions is None or not logprobs):
         raise ValueError("token_loss needs positions (the rows the loss covers) and logprobs=True")
+    if token_loss_fn is not None and (
+        token_loss is not None or positions is None or not logprobs or subspace_layer is None
+    ):
+        raise ValueError(
+            "token_loss_fn needs positions, logprobs=True and a subspace_layer, and excludes token_loss"
+        )
     if not logprobs and positions is None:
         raise ValueError("logprobs=False needs positions (the rows whose hidden states are wanted)")
     if subspace_layer not in SUBSPACE_LAYERS:
@@ -265,6 +278,14 @@ def forward_logprobs(
     flat_M = positions + positions // (seq_len - 1)
     hidden_MD = hidden_BLD.reshape(-1, d)[flat_M].to(weight_VD.dtype)
     target_M = input_ids.reshape(-1)[flat_M + 1].long()
+    sub_hidden = None
+    if subspace_layer == "final":
+        sub_hidden = hidden_BLD.reshape(-1, d)[flat_M].detach()
+    elif capture is not None:
+        sub_hidden = capture.hidden.reshape(-1, d)[flat_M]
+        capture.hidden = None  # the [B, L, D] capture is not kept past the gather
+    if token_loss_fn is not None:
+        token_loss = token_loss_fn(sub_hidden)
     result: dict[str, torch.Tensor | None] = {}
     logprob_M = entropy_M = None
     if token_loss is not None:
@@ -275,10 +296,5 @@ def forward_logprobs(
         logprob_M, entropy_M = kernels.linear_logprob(
             hidden_MD, weight_VD, target_M, temperature=temperature, return_entropy=return_entropy
         )
-    sub_hidden = None
-    if subspace_layer == "final":
-        sub_hidden = hidden_BLD.reshape(-1, d)[flat_M].detach()
-    elif capture is not None:
-        sub_hidden = capture.hidden.reshape(-1, d)[flat_M]
     result.update({"logprob": logprob_M, "entropy": entropy_M, "sub_hidden": sub_hidden})
     return result

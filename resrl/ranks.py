@@ -41,21 +41,6 @@ def plan_mini_batches(
     return plan, max(load) / max(sum(load) / len(load), 1)
 
 
-def combine_prepass_metrics(metrics: dict[str, float], world: World) -> dict[str, float]:
-    """The ResRL weight metrics of the whole step: group and token counts summed over ranks,
-    means weighted by each rank's weighted tokens."""
-    if not world.distributed or not metrics:
-        return metrics
-    parts = all_gather_objects(metrics, world)
-    out = {k: sum(p.get(k, 0.0) for p in parts) for k in ("resrl/groups_mixed", "resrl/groups_weighted")}
-    n = [p.get("resrl/neg_tokens", 0.0) for p in parts]
-    out["resrl/neg_tokens"] = total = sum(n)
-    for k in ("resrl/neg_weight_mean", "resrl/neg_weight_min_frac", "resrl/distance_mean"):
-        if total:
-            out[k] = sum(p.get(k, 0.0) * w for p, w in zip(parts, n, strict=True)) / total
-    return out
-
-
 def sum_over_ranks(sums: dict[str, float], world: World) -> dict[str, float]:
     """Metric sums of all ranks (token-weighted sums, counts): added, except the ratio extremes
     (`loss/ratio_max`, `loss/ratio_min`), which take the max / min."""

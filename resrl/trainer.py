@@ -36,7 +36,6 @@ from resrl.distributed import (
 from resrl.loading import PromptSampler, load_model, load_task, resolve_device
 from resrl.prepass import prepass
 from resrl.ranks import (
-    combine_prepass_metrics,
     gather_rollouts,
     mean_over_ranks,
     plan_mini_batches,
@@ -47,6 +46,7 @@ from resrl.rollout import SamplingParams, build_engine
 from resrl.sft import solution_ids, warm_start
 from resrl.tracker import PeakMemory, Tracker, warn
 from resrl.update import optimizer_step
+from resrl.weights import InlineWeights, WeightStats, plan_weights
 
 # Seed streams: each use of randomness draws from its own seed, derived from the run seed, so that
 # resuming (or evaluating more often) never changes what a later step samples.
@@ -227,8 +227,13 @@ class Trainer:
         metrics["batch/rank_token_imbalance"] = imbalance
         n_updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts * cfg.train.epochs_per_batch
         self._phase("pre-pass")
+        need_old = n_updates > 1 or cfg.algorithm.objective == "ace"
+        seed = _seed(cfg.run.seed, _RESRL, step)
+        # ResRL weights of whole groups inside the on-policy update's forward; the rest here.
+        stats = WeightStats()
+        inline, prepass_groups = plan_weights(batch, cfg, need_old=need_old, seed=seed, stats=stats)
         with self._stop_if_not_finite("pre-pass", step + 1):
-            found = prepass(
+            prepass(
                 self.policy,
                 batch,
                 cfg.algorithm,
@@ -236,20 +241,24 @@ class Trainer:
                 micro_batch_size=cfg.train.micro_batch_size,
                 pad_id=self.pad_id,
                 max_tokens=cfg.train.max_tokens_per_micro_batch if cfg.train.pack else 0,
-                seed=_seed(cfg.run.seed, _RESRL, step),
-                need_old=n_updates > 1 or cfg.algorithm.objective == "ace",
+                seed=seed,
+                need_old=need_old,
                 ref_policy=self.ref_policy,
                 world=world,
                 device=self.device,
+                groups=prepass_groups,
+                stats=stats,
             )
-        metrics.update(combine_prepass_metrics(found, world))
         if cfg.algorithm.objective == "ace":
             seq_adv = self._ace(batch, seq_adv, metrics, keep_old=n_updates > 1)
         t2 = time.perf_counter()
         peak("prepass")
         self._phase("update")
+        first_epoch = [[position[p] for p in mb] for mb in plan]
         with self._stop_if_not_finite("update", step + 1):
-            metrics.update(self.update(batch, seq_adv, step, [[position[p] for p in mb] for mb in plan]))
+            metrics.update(self.update(batch, seq_adv, step, first_epoch, inline=inline))
+        if cfg.algorithm.objective == "resrl":
+            metrics.update(stats.metrics(world))
         self._check_finite(step + 1, metrics)
         t3 = time.perf_counter()
         peak("update")
@@ -391,11 +400,14 @@ class Trainer:
         seq_adv: torch.Tensor,
         step: int,
         first_epoch: list[list[int]] | None = None,
+        *,
+        inline: InlineWeights | None = None,
     ) -> dict[str, float]:
         """Optimizer steps over mini-batches of whole prompt groups; micro-batches accumulate.
 
         `first_epoch`: this rank's groups (positions in `batch`) for each mini-batch of the first
-        epoch, as `_plan` balanced them; later epochs (and `None`) shuffle this rank's groups."""
+        epoch, as `_plan` balanced them; later epochs (and `None`) shuffle this rank's groups.
+        `inline`: ResRL weights formed in the update's forward (one on-policy optimizer step)."""
         cfg = self.cfg
         g = cfg.rollout.n
         n_prompts = len(batch) // g
@@ -412,7 +424,7 @@ class Trainer:
                 mini_batches = [order[k : k + mbp] for k in range(0, n_prompts, mbp)]
             for groups in mini_batches:
                 idx = [slot * g + j for slot in groups for j in range(g)]
-                m = self._optimizer_step(batch, idx, seq_adv, first=n_steps == 0)
+                m = self._optimizer_step(batch, idx, seq_adv, first=n_steps == 0, inline=inline)
                 n_steps += 1
                 for key, value in m.items():
                     totals[key] = totals.get(key, 0.0) + value
@@ -422,7 +434,9 @@ class Trainer:
         out["optim/steps"] = float(n_steps)
         return out
 
-    def _optimizer_step(self, batch: RolloutBatch, idx: list[int], seq_adv: torch.Tensor, *, first: bool):
+    def _optimizer_step(
+        self, batch: RolloutBatch, idx: list[int], seq_adv: torch.Tensor, *, first: bool, inline=None
+    ):
         return optimizer_step(
             self.policy,
             self.optimizer,
@@ -437,6 +451,7 @@ class Trainer:
             first=first,
             # Numbered from 1, as in metrics.jsonl, for its error messages.
             step=self.step + 1,
+            inline=inline,
         )
 
     # ------------------------------------------------------------------ around the loop

@@ -9,6 +9,7 @@ detached log-probs through `policy_loss` itself."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,6 +20,59 @@ from resrl.batch import RolloutBatch, responses_from_rows
 from resrl.config import Config
 from resrl.distributed import World, all_reduce_sum, common_count, idle_forward
 from resrl.ranks import sum_over_ranks
+from resrl.weights import InlineWeights
+
+
+def _token_loss(
+    batch: RolloutBatch,
+    mb: list[int],
+    t: dict[str, torch.Tensor],
+    seq_adv: torch.Tensor,
+    cfg: Config,
+    counts: tuple[float, float],
+    inline: InlineWeights | None,
+    formed: dict[str, torch.Tensor],
+    sub_hidden_MD: torch.Tensor | None = None,
+) -> PolicyTokenLoss:
+    """Micro-batch `mb`'s `policy_loss` written per token (its collated tensors `t`, the global
+    token and sequence counts), with the ResRL weights of its whole groups formed from its own
+    forward's subspace hidden states when given (`InlineWeights`). The token advantages and mask
+    go to `formed` for the metrics."""
+    algo = cfg.algorithm
+    weight_bT = t.get("resrl_weight")
+    if sub_hidden_MD is not None:
+        lengths = [len(batch.response_ids[i]) for i in mb]
+        weight_bT = inline.weights(mb, sub_hidden_MD, lengths, weight_bT)
+    resp_bT = t["resp_mask"]
+    if weight_bT is None and algo.objective == "resrl":
+        # No pre-pass weights and none formed here: no group of this micro-batch is mixed.
+        weight_bT = torch.ones(resp_bT.shape, device=resp_bT.device)
+    adv_BT, mask_BT = token_advantages(
+        algo.objective,
+        seq_adv[mb].to(resp_bT.device),
+        t["positive"],
+        resp_bT,
+        weight_bT,
+        pos_scale=algo.pos_scale,
+        w_lambda=algo.w_lambda,
+    )
+    formed["adv"], formed["mask"] = adv_BT, mask_BT
+    agg_BT = aggregation_weights(mask_BT, algo.agg, *counts, cfg.rollout.max_new_tokens)
+    old_bT, ref_bT = t.get("old_logprob"), t.get("ref_logprob")
+    return PolicyTokenLoss(
+        adv_BT[resp_bT],
+        agg_BT[resp_bT],
+        old_logprob=None if old_bT is None else old_bT[resp_bT],
+        ref_logprob=None if ref_bT is None else ref_bT[resp_bT],
+        sample_logprob=t["sample_logprob"][resp_bT],
+        eps_low=algo.eps_low,
+        eps_high=algo.eps_high,
+        dual_clip=algo.dual_clip,
+        kl_coef=algo.kl_coef,
+        kl_kind=algo.kl_kind,
+        entropy_coef=algo.entropy_coef,
+        tis_cap=algo.tis_cap,
+    )
 
 
 def optimizer_step(
@@ -35,10 +89,13 @@ def optimizer_step(
     pad_id: int,
     first: bool,
     step: int,
+    inline: InlineWeights | None = None,
 ) -> dict[str, float]:
     """Accumulate the loss of sequences `idx` of `batch` (this rank's share of one mini-batch)
     over micro-batches, then clip and step. `first`: the first update on this rollout batch, where
-    the engine/trainer log-prob gap is measured. Every rank calls it (collectives)."""
+    the engine/trainer log-prob gap is measured. `inline`: ResRL weights of whole groups formed in
+    the micro-batches' own forwards (on-policy updates; micro-batches then hold whole groups, as
+    the trainer planned them). Every rank calls it (collectives)."""
     algo = cfg.algorithm
     lengths = batch.response_lengths()
     pos = batch.positive
@@ -61,38 +118,24 @@ def optimizer_step(
     gap_sum = gap_n = 0.0
     packed = cfg.train.pack
     budget = cfg.train.max_tokens_per_micro_batch if packed else 0
-    chunks = batch.micro_batches(idx, cfg.train.micro_batch_size, budget)
+    if inline is not None:
+        chunks, _ = batch.group_micro_batches(idx, cfg.train.micro_batch_size, budget)
+    else:
+        chunks = batch.micro_batches(idx, cfg.train.micro_batch_size, budget)
     for _ in range(common_count(len(chunks), world, device) - len(chunks)):
         (0.0 * idle_forward(policy, pad_id, device)["logprob"].sum()).backward()
     for mb in chunks:
         t = batch.collate(mb, pad_id, device, packed=packed)
-        resp_bT = t["resp_mask"]
-        adv_BT, mask_BT = token_advantages(
-            algo.objective,
-            seq_adv[mb].to(device),
-            t["positive"],
-            resp_bT,
-            t.get("resrl_weight"),
-            pos_scale=algo.pos_scale,
-            w_lambda=algo.w_lambda,
-        )
         old_bT, ref_bT = t.get("old_logprob"), t.get("ref_logprob")
-        weight_BT = aggregation_weights(mask_BT, algo.agg, token_count, seq_count, cfg.rollout.max_new_tokens)
-        # The loss inside the LM-head pass, on the response rows only: policy_loss written per token.
-        token_loss = PolicyTokenLoss(
-            adv_BT[resp_bT],
-            weight_BT[resp_bT],
-            old_logprob=None if old_bT is None else old_bT[resp_bT],
-            ref_logprob=None if ref_bT is None else ref_bT[resp_bT],
-            sample_logprob=t["sample_logprob"][resp_bT],
-            eps_low=algo.eps_low,
-            eps_high=algo.eps_high,
-            dual_clip=algo.dual_clip,
-            kl_coef=algo.kl_coef,
-            kl_kind=algo.kl_kind,
-            entropy_coef=algo.entropy_coef,
-            tis_cap=algo.tis_cap,
+        formed: dict[str, torch.Tensor] = {}
+        token_loss_of = functools.partial(
+            _token_loss, batch, mb, t, seq_adv, cfg, (token_count, seq_count), inline, formed
         )
+        # The loss inside the LM-head pass, on the response rows only.
+        if inline is not None and inline.wants(mb):
+            loss_args = {"subspace_layer": algo.subspace_layer, "token_loss_fn": token_loss_of}
+        else:
+            loss_args = {"token_loss": token_loss_of()}
         out = policy(
             t["input_ids"],
             t.get("attention_mask"),
@@ -100,8 +143,9 @@ def optimizer_step(
             positions=t["positions"],
             temperature=cfg.rollout.temperature,
             return_entropy=True,
-            token_loss=token_loss,
+            **loss_args,
         )
+        adv_BT, mask_BT = formed["adv"], formed["mask"]
         (out["loss"] * scale).backward()
         # Metrics from the detached log-probs, through the policy_loss the per-token loss restates.
         logprob_bT = responses_from_rows(out["logprob"], t)

@@ -63,7 +63,20 @@ def runs(tmp_path_factory):
             run(nproc, out[nproc, objective], str(out[nproc, objective]), f"algorithm.objective={objective}")
     out[2, "kl"] = root / "kl-2"
     run(2, out[2, "kl"], str(out[2, "kl"]), *KL)
+    # ResRL weights inside the update's forward: micro-batches hold whole groups (2 of 4 each),
+    # padded and packed; the pre-pass path of the same layout as the oracle.
+    for name, args in INLINE.items():
+        for nproc in (1, 2) if name != "padded-prepass" else (1,):
+            out[nproc, name] = root / f"{name}-{nproc}"
+            run(nproc, out[nproc, name], str(out[nproc, name]), "algorithm.objective=resrl", *args)
     return out
+
+
+INLINE = {
+    "padded": ["train.micro_batch_size=8"],
+    "packed": ["train.pack=true", "train.max_tokens_per_micro_batch=120"],
+    "padded-prepass": ["train.micro_batch_size=8", "algorithm.resrl_weights=prepass"],
+}
 
 
 # NSR moves the policy whatever the rewards; the KL term then pulls it back to the reference.
@@ -109,6 +122,27 @@ def test_two_processes_match_one_resrl(runs):
     for key in ("resrl/groups_mixed", "resrl/neg_tokens", "resrl/neg_weight_mean", "loss/entropy"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-4), key
     assert_grads_close(g1, g2, rel=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_two_processes_match_one_with_weights_in_the_update(runs, layout):
+    m1, g1, _ = result(runs[1, layout])
+    m2, g2, _ = result(runs[2, layout])
+    # Every group was weighed in the update's forward, on each rank for its own groups.
+    assert m1["resrl/groups_in_update"] == m2["resrl/groups_in_update"] == 4
+    assert m1["resrl/groups_in_prepass"] == m2["resrl/groups_in_prepass"] == 0
+    for key in ("resrl/neg_tokens", "resrl/neg_weight_mean", "resrl/distance_mean", "loss/pg"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4), key
+    assert_grads_close(g1, g2, rel=1e-4)
+
+
+def test_weights_in_the_update_equal_the_prepass_path(runs):
+    m_in, g_in, _ = result(runs[1, "padded"])
+    m_pre, g_pre, _ = result(runs[1, "padded-prepass"])
+    assert m_pre["resrl/groups_in_prepass"] == 4 and m_pre["resrl/groups_in_update"] == 0
+    for key in ("resrl/neg_weight_mean", "resrl/neg_weight_min_frac", "resrl/distance_mean"):
+        assert m_in[key] == pytest.approx(m_pre[key], rel=1e-5), key
+    assert_grads_close(g_in, g_pre, rel=1e-5)
 
 
 def test_saved_at_two_resumed_at_one_gives_the_same_next_step(runs, tmp_path):

@@ -419,10 +419,10 @@ def test_non_finite_gradient_stops_before_a_checkpoint_is_written(run_copy):
     trainer = Trainer(small_cfg(run_copy, "train.steps=3", "run.checkpoint_every=1"))
     update = trainer.update
 
-    def poisoned(batch, seq_adv, step, plan):
+    def poisoned(batch, seq_adv, step, plan, **kw):
         with torch.no_grad():
             next(trainer.model.parameters()).fill_(float("nan"))
-        return update(batch, seq_adv, step, plan)
+        return update(batch, seq_adv, step, plan, **kw)
 
     trainer.update = poisoned
     # The kernels' value check sees the NaN weight first (the gradient norm without RESRL_KERNEL_CHECKS).

@@ -88,7 +88,7 @@ def test_ace_rescales_negative_advantages_from_the_prepass_log_probs(tmp_path):
     batch = _batch_with_mixed_groups(trainer, n_prompts=trainer.cfg.train.prompts_per_step)
     trainer.rollout = lambda slots, step: batch
     seen = {}
-    trainer.update = lambda b, adv, step, plan: seen.update(adv=adv, values=set(b.token_values)) or {}
+    trainer.update = lambda b, adv, step, plan, **kw: seen.update(adv=adv, values=set(b.token_values)) or {}
     metrics = trainer.train_step(0)
     grpo = group_advantages(batch.rewards, batch.group, "grpo", batch.positive)
     expected = torch.where(grpo < 0, grpo * (1 + 0.5 * math.log(2)), grpo)

@@ -37,13 +37,16 @@ class Sample:
 
 @dataclass
 class SamplingParams:
-    """How to sample. temperature 0 means greedy (then `logprobs` are those of the plain softmax)."""
+    """How to sample. temperature 0 means greedy (then `logprobs` are those of the plain softmax).
+    `rollout_head`: sample from R²PO's π_roll (the policy's logits plus the residual of the head
+    last given to `RolloutEngine.sync_head`), and record its log-probs; evaluation never sets it."""
 
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
     seed: int = 0
+    rollout_head: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
@@ -70,6 +73,11 @@ class RolloutEngine(Protocol):
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from `model`'s current weights (after an optimizer step)."""
+        ...
+
+    def sync_head(self, head: torch.nn.Module) -> None:
+        """Make `SamplingParams(rollout_head=True)` sample from π_roll with `head`'s current weights
+        (a `resrl.rollout_head.RolloutHead`; after its optimizer step). Leaves the policy's weights."""
         ...
 
     def sleep(self) -> None:

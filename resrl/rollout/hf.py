@@ -107,6 +107,7 @@ class HFEngine:
             raise ValueError("the tokenizer has no eos_token_id; the engine needs one to end responses")
         pad = getattr(tokenizer, "pad_token_id", None)
         self.model: nn.Module | None = model
+        self.head: nn.Module | None = None
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.eos_id = int(eos)
@@ -121,6 +122,12 @@ class HFEngine:
             if not callable(getattr(model, "generate", None)):
                 raise TypeError(f"{type(model).__name__} has no `generate`; pass a transformers causal LM")
             self.model = model
+
+    def sync_head(self, head: nn.Module) -> None:
+        """The engine samples with `head` itself (R²PO's rollout head): nothing to copy."""
+        if not callable(getattr(head, "residual", None)):
+            raise TypeError(f"{type(head).__name__} has no `residual`; pass a resrl.rollout_head.RolloutHead")
+        self.head = head
 
     def sleep(self) -> None:
         """Nothing to free: the engine owns no memory besides the policy's."""
@@ -161,10 +168,21 @@ class HFEngine:
         if len(prompts) == 0:
             return []
         self._check_prompts(prompts, params)
+        if params.rollout_head and self.head is None:
+            raise RuntimeError("SamplingParams(rollout_head=True) needs a head: call sync_head(head) first")
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
         out: list[list[Sample]] = [[] for _ in prompts]
         modes = {m: m.training for m in self.model.modules()}
         self.model.eval()
+        # π_roll: the head's residual added to the LM head's output for this call only. The LM
+        # head's input is the final normed h at the positions generate scores (the last one).
+        hook = None
+        if params.rollout_head:
+            head = self.head
+            lm_head = self.model.get_output_embeddings()
+            hook = lm_head.register_forward_hook(
+                lambda module, args, out: out.float() + head.residual(args[0]).to(out.device)
+            )
         try:
             for c, start in enumerate(range(0, len(rows), self.max_batch_size)):
                 chunk = rows[start : start + self.max_batch_size]
@@ -174,6 +192,8 @@ class HFEngine:
                 for (i, _), sample in zip(chunk, samples, strict=True):
                     out[i].append(sample)
         finally:
+            if hook is not None:
+                hook.remove()
             for module, training in modes.items():
                 module.training = training
         return out
