@@ -51,6 +51,49 @@ def test_opcheck_linear_logprob_backward(impl, needs):
     )
 
 
+def two_part_inputs(n=13, d=32, d2=19, v=37, seed=5):
+    """lm_head_inputs plus a second part hidden2 [N, D2], weight2 [V, D2] (D2 != D)."""
+    hidden, weight, target = lm_head_inputs(n, d, v, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    hidden2 = torch.relu(torch.randn(n, d2, generator=g)).requires_grad_()
+    weight2 = (torch.randn(v, d2, generator=g) * 0.3).requires_grad_()
+    return hidden, weight, target, hidden2, weight2
+
+
+@pytest.mark.parametrize("return_entropy", [False, True], ids=["logprob", "logprob+entropy"])
+def test_opcheck_linear_logprob_two_part(impl, return_entropy):
+    hidden, weight, target, hidden2, weight2 = two_part_inputs()
+    torch.library.opcheck(
+        linear_logprob_op, (hidden, weight, target, 0.8, return_entropy, impl, hidden2, weight2)
+    )
+
+
+# (need_hidden, need_weight, need_hidden2, need_weight2)
+TWO_PART_NEEDS = {
+    "all": (True, True, True, True),
+    "head_only": (False, False, True, True),  # R²PO's stage A
+    "trunk_only": (True, True, False, False),
+    "weights": (False, True, False, True),
+}
+
+
+@pytest.mark.parametrize("needs", list(TWO_PART_NEEDS.values()), ids=list(TWO_PART_NEEDS))
+def test_opcheck_linear_logprob_backward_two_part(impl, needs):
+    hidden, weight, target, hidden2, weight2 = (t.detach() for t in two_part_inputs())
+    _, lse, ent = linear_logprob_op(hidden, weight, target, 0.8, True, impl, hidden2, weight2)
+    g = torch.Generator().manual_seed(1)
+    grad_lp, grad_ent = torch.randn(13, generator=g), torch.randn(13, generator=g)
+    need_h, need_w, need_h2, need_w2 = needs
+    for grad_entropy in (grad_ent, None):
+        args = (hidden, weight, target, lse, ent, grad_lp, grad_entropy, 0.8, need_h, need_w, impl,
+                hidden2, weight2, need_h2, need_w2)  # fmt: skip
+        torch.library.opcheck(linear_logprob_backward_op, args)
+        grads = linear_logprob_backward_op(*args)
+        # Four outputs, [0] for each gradient not asked for, the input's shape otherwise.
+        for grad, need, x in zip(grads, needs, (hidden, weight, hidden2, weight2), strict=True):
+            assert grad.shape == (x.shape if need else (0,))
+
+
 @pytest.mark.parametrize("grouped", [False, True], ids=["one_group", "groups"])
 def test_opcheck_subspace_residual(impl, grouped):
     g = torch.Generator().manual_seed(2)
@@ -92,6 +135,25 @@ def test_fake_tensors_give_shapes_without_data():
         )
     assert lp.shape == ent.shape == dist.shape == w.shape == (1000,)
     assert hidden.grad.shape == (1000, 64) and weight.grad.shape == (50000, 64)
+
+
+def test_fake_tensors_two_part_give_shapes_without_data():
+    """The two-part form under FakeTensorMode: gradients only for the tensors that require them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        hidden = torch.empty(1000, 64)
+        weight = torch.empty(50000, 64)
+        hidden2 = torch.empty(1000, 48, requires_grad=True)
+        weight2 = torch.empty(50000, 48, requires_grad=True)
+        lp, ent = kernels.linear_logprob(
+            hidden, weight, torch.zeros(1000, dtype=torch.long), return_entropy=True,
+            hidden2=hidden2, weight2=weight2,
+        )  # fmt: skip
+        (lp.sum() + ent.sum()).backward()
+    assert lp.shape == ent.shape == (1000,)
+    assert hidden2.grad.shape == (1000, 48) and weight2.grad.shape == (50000, 48)
+    assert hidden.grad is None and weight.grad is None
 
 
 def small_policy(vocab: int) -> Policy:
