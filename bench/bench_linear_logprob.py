@@ -9,9 +9,16 @@ linear cross-entropy and Cut Cross-Entropy (each skipped with its reason if not 
 CPU (`--cpu`): the memory property at a size that fits a laptop: each implementation runs in a
 fresh subprocess and reports its peak resident memory above the inputs.
 
+Two-part (`--cpu --two-part [--d2 D2]`): R²PO's logits h·Wᵀ + h2·W2ᵀ through `linear_logprob(...,
+hidden2=, weight2=)` against the same through the concatenated one-part call ([h | h2], [W | W2]),
+PyTorch path, time of forward+backward and peak resident memory above the inputs and their
+gradient buffers; with all four gradients and with the head's only (stage A: trunk and LM head
+detached).
+
     python bench/bench_linear_logprob.py                 # GPU table
     python bench/bench_linear_logprob.py --record        # ... appended to bench/results/ after green tests
     python bench/bench_linear_logprob.py --cpu           # CPU memory/time table
+    python bench/bench_linear_logprob.py --cpu --two-part --record
 """
 
 from __future__ import annotations
@@ -161,6 +168,82 @@ def _cpu_child(name: str, n: int, d: int, v: int, reps: int) -> None:
     print(json.dumps({"impl": name, "ms_fwdbwd": summarize(times), "peak_mem_bytes": peak - base}))
 
 
+def _two_part(h, w, h2, w2, t):
+    from kernels import linear_logprob
+
+    lp, _ = linear_logprob(h, w, t, hidden2=h2, weight2=w2)
+    return -lp.mean()
+
+
+def _concatenated(h, w, h2, w2, t):
+    """R²PO v1: one [V, D+D2] weight copy (and its gradient) and one [N, D+D2] hidden per call."""
+    from kernels import linear_logprob
+
+    lp, _ = linear_logprob(torch.cat([h, h2], -1), torch.cat([w, w2], -1), t)
+    return -lp.mean()
+
+
+TWO_PART_IMPLS = {"resrl-torch-two-part": _two_part, "resrl-torch-concatenated": _concatenated}
+# Which of (hidden, weight, hidden2, weight2) require grad: all, or R²PO's stage A (the head's only).
+TWO_PART_GRADS = {"all": (True, True, True, True), "head": (False, False, True, True)}
+
+
+def _two_part_child(name: str, grads: str, n: int, d: int, d2: int, v: int, reps: int) -> None:
+    """Runs in a fresh process: peak RSS above the inputs and gradient buffers, and fwd+bwd time."""
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    os.environ["RESRL_KERNEL_IMPL"] = "torch"
+    fn, needs = TWO_PART_IMPLS[name], TWO_PART_GRADS[grads]
+
+    def tensors(n, v):
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) * d**-0.5,
+              torch.relu(torch.randn(n, d2, generator=g)), torch.randn(v, d2, generator=g) * d2**-0.5]  # fmt: skip
+        return [x.requires_grad_(need) for x, need in zip(xs, needs, strict=True)], torch.randint(0, v, (n,))
+
+    # Load the code paths on a small problem (a warm-up at the full vocabulary would itself make
+    # the concatenated copies, and the high-water mark would hide them), then hold the inputs and
+    # the gradient buffers (torch.zeros writes its memory, so it is resident), so the peak above
+    # that is each form's own workspace.
+    small, t_small = tensors(8, 64)
+    fn(*small, t_small).backward()
+    xs, t = tensors(n, v)
+    for x, need in zip(xs, needs, strict=True):
+        if need:
+            x.grad = torch.zeros_like(x)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = time_ms(lambda: fn(*xs, t).backward(), torch.device("cpu"), warmup=0, reps=reps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row = {"impl": name, "grads": grads, "ms_fwdbwd": summarize(times), "peak_mem_bytes": peak - base}
+    print(json.dumps(row))
+
+
+def run_cpu_two_part(args) -> list[dict]:
+    n, d, v = args.cpu_shape
+    d2 = args.d2 or d
+    env = environment(torch.device("cpu"))
+    cat_mib = (v + n) * (d + d2) * 4 / 2**20
+    print(f"CPU two-part: N={n} D={d} D2={d2} V={v} fp32; [V, D+D2] + [N, D+D2] copies are {cat_mib:.0f} MiB")
+    print(f"{'impl':28s} {'grads':>6s} {'fwd+bwd ms':>11s} {'peak extra MiB':>15s}")
+    rows = []
+    for grads in TWO_PART_GRADS:
+        for name in TWO_PART_IMPLS:
+            cmd = [sys.executable, __file__, "--two-part-child", name, grads, "--cpu-shape", str(n), str(d),
+                   str(v), "--d2", str(d2), "--reps", str(args.reps)]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                row = {"impl": name, "grads": grads, "error": out.stderr.strip().splitlines()[-1][:160]}
+                print(f"{name:28s} {grads:>6s} {row['error']}")
+            else:
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"{name:28s} {grads:>6s} {row['ms_fwdbwd']['median']:11.1f} "
+                      f"{row['peak_mem_bytes'] / 2**20:15.0f}")  # fmt: skip
+            row.update(
+                bench="linear_logprob_two_part_cpu", shape="cpu", n=n, d=d, d2=d2, v=v, dtype="fp32", **env
+            )
+            rows.append(row)
+    return rows
+
+
 def run_cpu(args) -> list[dict]:
     n, d, v = args.cpu_shape
     device = torch.device("cpu")
@@ -190,16 +273,31 @@ def main() -> None:
     p.add_argument("--cpu-shape", nargs=3, type=int, default=list(CPU_SHAPE), metavar=("N", "D", "V"))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--record", action="store_true", help="append rows to bench/results/ (after green tests)")
+    p.add_argument("--two-part", action="store_true", help="CPU: two-part vs concatenated rows (with --cpu)")
+    p.add_argument("--d2", type=int, default=0, help="D2 of the second part (default: D)")
     p.add_argument("--cpu-child", help=argparse.SUPPRESS)
+    p.add_argument("--two-part-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cpu_child:
         _cpu_child(args.cpu_child, *args.cpu_shape, args.reps)
         return
+    if args.two_part_child:
+        n, d, v = args.cpu_shape
+        _two_part_child(*args.two_part_child, n, d, args.d2 or d, v, args.reps)
+        return
+    if args.two_part and not args.cpu:
+        raise SystemExit("--two-part is a CPU table: pass --cpu too")
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --cpu for the CPU memory table")
     if args.record:
-        require_green_tests(["tests/test_linear_logprob.py"])
-    rows = run_cpu(args) if args.cpu else run_gpu(args)
+        require_green_tests(
+            ["tests/test_linear_logprob.py"]
+            + (["tests/test_linear_logprob_two_part.py"] if args.two_part else [])
+        )
+    if args.two_part:
+        rows = run_cpu_two_part(args)
+    else:
+        rows = run_cpu(args) if args.cpu else run_gpu(args)
     if args.record:
         name = "linear_logprob_cpu.jsonl" if args.cpu else "linear_logprob.jsonl"
         print(f"appended {len(rows)} rows to {append_results(name, rows)}")
