@@ -13,7 +13,7 @@ Two-part (`--cpu --two-part [--d2 D2]`): R²PO's logits h·Wᵀ + h2·W2ᵀ thro
 hidden2=, weight2=)` against the same through the concatenated one-part call ([h | h2], [W | W2]),
 PyTorch path, time of forward+backward and peak resident memory above the inputs and their
 gradient buffers; with all four gradients and with the head's only (stage A: trunk and LM head
-detached).
+detached). Each case in a fresh process, `--rounds` alternating rounds (see `run_cpu_two_part`).
 
     python bench/bench_linear_logprob.py                 # GPU table
     python bench/bench_linear_logprob.py --record        # ... appended to bench/results/ after green tests
@@ -213,34 +213,53 @@ def _two_part_child(name: str, grads: str, n: int, d: int, d2: int, v: int, reps
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = time_ms(lambda: fn(*xs, t).backward(), torch.device("cpu"), warmup=0, reps=reps)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    row = {"impl": name, "grads": grads, "ms_fwdbwd": summarize(times), "peak_mem_bytes": peak - base}
-    print(json.dumps(row))
+    print(json.dumps({"impl": name, "grads": grads, "ms": times, "peak_mem_bytes": peak - base}))
 
 
 def run_cpu_two_part(args) -> list[dict]:
+    """Each (gradients, implementation) in its own process, `--rounds` times in alternation, so a
+    load that changes during the run (a shared machine) falls on both forms alike. The children
+    run with glibc's mmap threshold fixed at 1 MiB: by default it rises to 32 MiB after the first
+    large free, and the 16 MiB chunk buffers then stay in the heap, so the peak RSS measured the
+    allocator's retention (head-only above all four gradients in a first run) instead of the
+    tensors alive at once."""
     n, d, v = args.cpu_shape
     d2 = args.d2 or d
     env = environment(torch.device("cpu"))
     cat_mib = (v + n) * (d + d2) * 4 / 2**20
-    print(f"CPU two-part: N={n} D={d} D2={d2} V={v} fp32; [V, D+D2] + [N, D+D2] copies are {cat_mib:.0f} MiB")
-    print(f"{'impl':28s} {'grads':>6s} {'fwd+bwd ms':>11s} {'peak extra MiB':>15s}")
-    rows = []
-    for grads in TWO_PART_GRADS:
-        for name in TWO_PART_IMPLS:
+    print(f"CPU two-part: N={n} D={d} D2={d2} V={v} fp32, {args.rounds} rounds x {args.reps} reps; "
+          f"[V, D+D2] + [N, D+D2] copies are {cat_mib:.0f} MiB")  # fmt: skip
+    child_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    cases = [(grads, name) for grads in TWO_PART_GRADS for name in TWO_PART_IMPLS]
+    times = {case: [] for case in cases}
+    peaks = {case: [] for case in cases}
+    errors = {}
+    for _ in range(args.rounds):
+        for grads, name in cases:
             cmd = [sys.executable, __file__, "--two-part-child", name, grads, "--cpu-shape", str(n), str(d),
                    str(v), "--d2", str(d2), "--reps", str(args.reps)]  # fmt: skip
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=child_env)
             if out.returncode != 0:
-                row = {"impl": name, "grads": grads, "error": out.stderr.strip().splitlines()[-1][:160]}
-                print(f"{name:28s} {grads:>6s} {row['error']}")
-            else:
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                print(f"{name:28s} {grads:>6s} {row['ms_fwdbwd']['median']:11.1f} "
-                      f"{row['peak_mem_bytes'] / 2**20:15.0f}")  # fmt: skip
-            row.update(
-                bench="linear_logprob_two_part_cpu", shape="cpu", n=n, d=d, d2=d2, v=v, dtype="fp32", **env
-            )
-            rows.append(row)
+                errors[grads, name] = out.stderr.strip().splitlines()[-1][:160]
+                continue
+            child = json.loads(out.stdout.strip().splitlines()[-1])
+            times[grads, name] += child["ms"]
+            peaks[grads, name].append(child["peak_mem_bytes"])
+    print(f"{'impl':28s} {'grads':>6s} {'fwd+bwd ms':>11s} {'peak extra MiB':>15s}")
+    rows = []
+    for grads, name in cases:
+        row = {"impl": name, "grads": grads}
+        if (grads, name) in errors:
+            row["error"] = errors[grads, name]
+            print(f"{name:28s} {grads:>6s} {row['error']}")
+        else:
+            # The largest peak of the rounds: the memory a run of this form needs.
+            row.update(ms_fwdbwd=summarize(times[grads, name]), peak_mem_bytes=max(peaks[grads, name]))
+            print(f"{name:28s} {grads:>6s} {row['ms_fwdbwd']['median']:11.1f} "
+                  f"{row['peak_mem_bytes'] / 2**20:15.0f}")  # fmt: skip
+        row.update(bench="linear_logprob_two_part_cpu", shape="cpu", n=n, d=d, d2=d2, v=v, dtype="fp32",
+                   rounds=args.rounds, malloc_mmap_threshold=2**20, **env)  # fmt: skip
+        rows.append(row)
     return rows
 
 
@@ -275,6 +294,7 @@ def main() -> None:
     p.add_argument("--record", action="store_true", help="append rows to bench/results/ (after green tests)")
     p.add_argument("--two-part", action="store_true", help="CPU: two-part vs concatenated rows (with --cpu)")
     p.add_argument("--d2", type=int, default=0, help="D2 of the second part (default: D)")
+    p.add_argument("--rounds", type=int, default=3, help="--two-part: alternating rounds of all cases")
     p.add_argument("--cpu-child", help=argparse.SUPPRESS)
     p.add_argument("--two-part-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
