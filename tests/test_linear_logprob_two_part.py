@@ -291,12 +291,37 @@ def test_never_materializes_full_logits_or_a_concatenation(impl, monkeypatch):
     with _AllocationRecorder() as rec:
         got = run_kernel(inputs, target, 1.0, True, coef_lp, coef_ent)
     assert rec.bodies_run == 2  # the workspaces inside the forward and backward ops were seen
+    assert WORKSPACE[impl](n, v) in rec.shapes, sorted(rec.shapes)
     assert rec.largest < n * v, f"largest tensor has {rec.largest} elements >= N*V = {n * v}"
     assert rec.largest < v * (d + d2)
     assert rec.largest <= v * d  # the LM head's gradient is the biggest thing allowed
     assert not [s for s in rec.shapes if d + d2 in s], f"a [.., D+D2] tensor: {sorted(rec.shapes)}"
     want = run_reference(inputs, target, 1.0, True, coef_lp, coef_ent)
     assert_close_to_reference(got, want, torch.float32)
+
+
+# The chunk workspace each path makes at the budgets set below: a 16-token chunk of logits on
+# the PyTorch path, a 64-column dz chunk in the Triton backward. Seeing it proves the recorder
+# looks inside the custom ops.
+WORKSPACE = {"torch": lambda n, v: (16, v), "triton": lambda n, v: (n, 64)}
+
+
+def test_one_part_never_materializes_full_logits(impl, monkeypatch):
+    """The same property for the one-part form (hidden2=None), seen inside the custom ops:
+    tests/test_linear_logprob.py's recorder sees only the ops' outputs, since a dispatch mode is
+    off while a custom op's body runs."""
+    n, d, v = 48, 32, 160
+    monkeypatch.setattr(kernels.chunked, "CHUNK_BYTES", 16 * v * 4)
+    monkeypatch.setenv("RESRL_WORKSPACE_MB", str(n * 64 * 4 / 2**20))
+    hidden, weight, _, _, target = make_inputs(n, d, 8, v, torch.float32, seed=13)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with _AllocationRecorder() as rec:
+        lp, ent = linear_logprob(h, w, target, return_entropy=True)
+        (lp.sum() - ent.sum()).backward()
+    assert rec.bodies_run == 2
+    assert WORKSPACE[impl](n, v) in rec.shapes, sorted(rec.shapes)
+    assert rec.largest < n * v, f"largest tensor has {rec.largest} elements >= N*V = {n * v}"
+    assert rec.largest <= v * d
 
 
 # name: (kwargs override, message fragment). Every one is a one-line ValueError.
