@@ -234,6 +234,7 @@ def run_cpu_two_part(args) -> list[dict]:
     times = {case: [] for case in cases}
     peaks = {case: [] for case in cases}
     errors = {}
+    load_before = os.getloadavg()[0]
     for _ in range(args.rounds):
         for grads, name in cases:
             cmd = [sys.executable, __file__, "--two-part-child", name, grads, "--cpu-shape", str(n), str(d),
@@ -245,6 +246,10 @@ def run_cpu_two_part(args) -> list[dict]:
             child = json.loads(out.stdout.strip().splitlines()[-1])
             times[grads, name] += child["ms"]
             peaks[grads, name].append(child["peak_mem_bytes"])
+    # The 1-minute load average before and after: on a shared machine the times are only comparable
+    # between the forms of one run, not with rows recorded at another load.
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    print(f"load average (1 min) before/after: {load[0]} / {load[1]} on {os.cpu_count()} CPUs")
     print(f"{'impl':28s} {'grads':>6s} {'fwd+bwd ms':>11s} {'peak extra MiB':>15s}")
     rows = []
     for grads, name in cases:
@@ -258,7 +263,8 @@ def run_cpu_two_part(args) -> list[dict]:
             print(f"{name:28s} {grads:>6s} {row['ms_fwdbwd']['median']:11.1f} "
                   f"{row['peak_mem_bytes'] / 2**20:15.0f}")  # fmt: skip
         row.update(bench="linear_logprob_two_part_cpu", shape="cpu", n=n, d=d, d2=d2, v=v, dtype="fp32",
-                   rounds=args.rounds, malloc_mmap_threshold=2**20, **env)  # fmt: skip
+                   rounds=args.rounds, malloc_mmap_threshold=2**20, loadavg_1m=load, cpus=os.cpu_count(),
+                   **env)  # fmt: skip
         rows.append(row)
     return rows
 
