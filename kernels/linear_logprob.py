@@ -13,6 +13,11 @@ grad_hidden += dz @ W_c (accumulated in fp32 across chunks) and grad_weight[c] =
 chunk is sized by a byte budget (`RESRL_WORKSPACE_MB`, default 256), so memory is
 O(N·D + V·D + N·VC).
 
+An optional second part (hidden2 [N, D2], weight2 [V, D2]: R²PO's rollout head) adds h2·W2ᵀ to
+the logits without a [V, D+D2] weight: both kernels run a second K-loop into the same tile
+(`TWO_PART`, a constexpr, so the one-part binaries are unchanged), and the backward runs each of
+the four gradient GEMMs (dz·W, dz·W2, dzᵀ·h, dzᵀ·h2) only for a tensor that requires grad.
+
 Both paths (this Triton one and `kernels.chunked`) sit behind the torch custom ops
 `resrl::linear_logprob` and `resrl::linear_logprob_backward`, with fake implementations and the
 autograd formula registered, so `torch.compile` and fake-tensor tracing go through them.
