@@ -29,8 +29,11 @@ class RolloutHead(nn.Module):
 
     def __init__(self, hidden_size: int, vocab_size: int) -> None:
         super().__init__()
-        self.layer1 = nn.Linear(hidden_size, hidden_size, bias=False, dtype=torch.float32)
-        self.layer2 = nn.Linear(hidden_size, vocab_size, bias=False, dtype=torch.float32)
+        # nn.Linear's default init draws from the global RNG: forked, so adding a head changes no
+        # other random stream of the run (`reset` sets the weights from the head's own seed).
+        with torch.random.fork_rng(devices=[]):
+            self.layer1 = nn.Linear(hidden_size, hidden_size, bias=False, dtype=torch.float32)
+            self.layer2 = nn.Linear(hidden_size, vocab_size, bias=False, dtype=torch.float32)
 
     @torch.no_grad()
     def reset(self, std: float, seed: int) -> RolloutHead:

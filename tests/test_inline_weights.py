@@ -240,8 +240,11 @@ def test_off_policy_updates_keep_the_prepass(tmp_path):
 def test_plan_weights_only_for_on_policy_resrl(tmp_path):
     trainer = Trainer(small_cfg(tmp_path, "train.micro_batch_size=8"))
     batch = mixed_batch(trainer)
-    inline, rest = plan_weights(batch, trainer.cfg, need_old=False, seed=0, stats=WeightStats())
+    cfg = trainer.cfg
+    inline, rest = plan_weights(batch, cfg.algorithm, cfg.train, need_old=False, seed=0, stats=WeightStats())
     assert inline.groups == {0, 1, 2, 3} and rest == set()
-    assert plan_weights(batch, trainer.cfg, need_old=True, seed=0, stats=WeightStats()) == (None, None)
+    off = plan_weights(batch, cfg.algorithm, cfg.train, need_old=True, seed=0, stats=WeightStats())
+    assert off == (None, None)
     grpo = small_cfg(tmp_path, "algorithm.objective=grpo")
-    assert plan_weights(batch, grpo, need_old=False, seed=0, stats=WeightStats()) == (None, None)
+    plain = plan_weights(batch, grpo.algorithm, grpo.train, need_old=False, seed=0, stats=WeightStats())
+    assert plain == (None, None)

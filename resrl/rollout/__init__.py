@@ -134,6 +134,7 @@ def build_engine(
     model_dir: str | None = None,
     max_model_len: int | None = None,
     seed: int = 0,
+    rollout_head: bool = False,
 ) -> RolloutEngine:
     """The rollout engine `name` sampling from `model` (`cfg`: the run's RolloutConfig).
 
@@ -159,5 +160,6 @@ def build_engine(
             seed=seed,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             stop_ids=checkpoint_stop_ids(model),
+            **({"rollout_head": True} if rollout_head else {}),
         )
     raise ValueError(f"rollout engine {name!r} is not available; accepted: {', '.join(ENGINES)}")
