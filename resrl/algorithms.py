@@ -111,7 +111,9 @@ def rarity(reward_class: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     _check_tensor("reward_class", reward_class, 1, "f")
     _check_tensor("group_ids", group_ids, 1, "i")
     if group_ids.shape[0] != reward_class.shape[0]:
-        raise ValueError(f"group_ids has {group_ids.shape[0]} entries but reward_class has {reward_class.shape[0]}")
+        raise ValueError(
+            f"group_ids has {group_ids.shape[0]} entries but reward_class has {reward_class.shape[0]}"
+        )
     if reward_class.numel() == 0:
         return torch.zeros(0, dtype=torch.float32)
     if not bool(torch.isfinite(reward_class).all()):

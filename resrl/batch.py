@@ -116,6 +116,21 @@ class RolloutBatch:
             else torch.cat([b.reward_class for b in batches]),
         )
 
+    def step_metrics(self, n_prompts: int) -> dict[str, float]:
+        """The rollout's metrics (reward/*, response/*) and "_tokens", its prompt+response tokens."""
+        lengths = self.response_lengths().float()
+        acc_G = self.positive.float().view(n_prompts, -1).mean(1)
+        return {
+            "reward/mean": float(self.rewards.mean()),
+            "reward/accuracy": float(self.positive.float().mean()),
+            "reward/groups_all_correct": float((acc_G == 1).float().mean()),
+            "reward/groups_all_wrong": float((acc_G == 0).float().mean()),
+            "response/length_mean": float(lengths.mean()),
+            "response/length_max": float(lengths.max()),
+            "response/truncated_frac": float(self.truncated.float().mean()),
+            "_tokens": float(sum(self.length(i) for i in range(len(self)))),
+        }
+
     def response_lengths(self) -> torch.Tensor:
         return torch.tensor([len(r) for r in self.response_ids], dtype=torch.long)
 

@@ -362,6 +362,24 @@ def load(
     return load_meta(path)
 
 
+def check_saved_with(meta: dict[str, Any], path: Path, cfg: Any, *, reference: bool) -> None:
+    """One line when the checkpoint cannot resume this config (`cfg`): saved with R²PO's rollout
+    head and resumed without (or the reverse), or a KL reference wanted (`reference`) that it lacks."""
+    if bool(meta.get("has_rollout_head")) != cfg.r2po.enabled:
+        saved = "with" if meta.get("has_rollout_head") else "without"
+        raise ConfigError(
+            f"config r2po.enabled={cfg.r2po.enabled}: the checkpoint {path} was saved {saved} R²PO's "
+            f"rollout head; resume with r2po.enabled={not cfg.r2po.enabled}, or start a new run"
+        )
+    if reference and not meta.get("has_reference"):
+        raise ConfigError(
+            f"config algorithm.kl_coef={cfg.algorithm.kl_coef}, objective={cfg.algorithm.objective}, "
+            f"r2po.head_kl_coef={cfg.r2po.head_kl_coef}: the checkpoint {path} has no KL reference model "
+            "(it was saved without a KL term and ACE); resume with the settings it was saved with, or "
+            "start a new run"
+        )
+
+
 def apply_optim_config(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,

@@ -487,7 +487,10 @@ class Config:
                 "algorithm.advantage=reinforce, or objective psr, nsr or w_reinforce",
             )
         if self.r2po.enabled and self.rollout.n < 2:
-            _fail("rollout.n", "R²PO (r2po.enabled) needs rollout.n >= 2: both stages' advantages are group-relative")
+            _fail(
+                "rollout.n",
+                "R²PO (r2po.enabled) needs rollout.n >= 2: both stages' advantages are group-relative",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

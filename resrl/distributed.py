@@ -128,6 +128,20 @@ def shard(policy: Policy, *, bf16: bool, offload: bool) -> Policy:
     return policy
 
 
+def frozen_copy(policy: Policy, copy: Policy, shard_kwargs: dict | None) -> Policy:
+    """`copy` (a Policy around a freshly built model of the same architecture) made a frozen copy
+    of `policy`'s causal LM: sharded like it when `shard_kwargs` are given (each rank its share),
+    no gradients, eval mode; R²PO's rollout head is not part of it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    if shard_kwargs is not None:
+        shard(copy, **shard_kwargs)
+    copy.requires_grad_(False).eval()
+    own = {k: v for k, v in get_model_state_dict(policy).items() if k.startswith("model.")}
+    set_model_state_dict(copy, own)
+    return copy
+
+
 def _fsdp_modules(module: nn.Module) -> list[nn.Module]:
     from torch.distributed.fsdp import FSDPModule
 

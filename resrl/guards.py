@@ -36,7 +36,9 @@ def check_finite(step: int, metrics: dict[str, float], module: nn.Module, world:
     non-finite (the gradient norm is checked before the optimizer step, in `optimizer_step`)."""
     bad = [k for k, v in metrics.items() if k.startswith(("loss/", "head/")) and not math.isfinite(v)]
     if bad:
-        raise RunError(f"training stopped in the update phase at step {step}: {bad[0]} is {metrics[bad[0]]}; {HINT}")
+        raise RunError(
+            f"training stopped in the update phase at step {step}: {bad[0]} is {metrics[bad[0]]}; {HINT}"
+        )
     # This rank's shards, one host sync for all of them.
     local = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in module.named_parameters()]
     with torch.no_grad():

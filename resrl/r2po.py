@@ -83,7 +83,9 @@ class R2PO:
 
     def stage(self, step: int) -> Stage:
         r = self.cfg.r2po
-        return self.head_stage if stage_name(step, r.head_steps, r.policy_steps) == HEAD else self.policy_stage
+        return (
+            self.head_stage if stage_name(step, r.head_steps, r.policy_steps) == HEAD else self.policy_stage
+        )
 
     def advantages(self, batch: RolloutBatch) -> torch.Tensor:
         """Stage A's sequence advantages: rarity z-scored in the group, or GRPO's."""

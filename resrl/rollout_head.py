@@ -35,6 +35,12 @@ class RolloutHead(nn.Module):
             self.layer1 = nn.Linear(hidden_size, hidden_size, bias=False, dtype=torch.float32)
             self.layer2 = nn.Linear(hidden_size, vocab_size, bias=False, dtype=torch.float32)
 
+    @classmethod
+    def for_model(cls, model: nn.Module, std: float, seed: int) -> RolloutHead:
+        """A head for a causal LM (its LM head's [V, D]), reset to N(0, std²) from `seed`."""
+        v, d = model.get_output_embeddings().weight.shape
+        return cls(d, v).reset(std, seed)
+
     @torch.no_grad()
     def reset(self, std: float, seed: int) -> RolloutHead:
         """W₁, W₂ ~ N(0, std²) from their own generator (0 gives an exact zero head: π_roll = π_θ)."""

@@ -18,10 +18,11 @@ import torch
 from resrl import checkpoint
 from resrl.algorithms import group_seed
 from resrl.batch import RolloutBatch
-from resrl.config import Config, ConfigError
+from resrl.config import Config
 from resrl.distributed import (
     Policy,
     all_gather_objects,
+    frozen_copy,
     full_parameters,
     init_single_group,
     init_world,
@@ -32,12 +33,12 @@ from resrl.loading import PromptSampler, load_model, load_task, resolve_device
 from resrl.objectives import after_prepass, needs_old_logprobs, uses_reference
 from resrl.prepass import prepass
 from resrl.r2po import R2PO
-from resrl.ranks import gather_rollouts, mean_over_ranks, plan_mini_batches
-from resrl.rewards import get_batch_reward, length_scaled_reward
+from resrl.ranks import check_world, gather_rollouts, mean_over_ranks, rank_share
+from resrl.rewards import get_batch_reward, score_responses
 from resrl.rollout import SamplingParams, build_engine
 from resrl.rollout_head import RolloutHead
 from resrl.sft import solution_ids, warm_start
-from resrl.tracker import PeakMemory, Tracker
+from resrl.tracker import PhaseClock, Tracker
 from resrl.update import Stage, optimizer_step
 from resrl.weights import InlineWeights, WeightStats, plan_weights
 
@@ -61,7 +62,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.world = init_world(cfg.run.device)
-        self._check_world()
+        check_world(cfg, self.world)
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Decided before the model is built, so a refused resume fails in a second.
@@ -88,9 +89,8 @@ class Trainer:
         )
         head = None
         if cfg.r2po.enabled:
-            v, d = self.model.get_output_embeddings().weight.shape
-            head = RolloutHead(d, v).reset(cfg.r2po.head_init_std, _seed(cfg.run.seed, _HEAD))
-            head.to(self._load_device)
+            head = RolloutHead.for_model(self.model, cfg.r2po.head_init_std, _seed(cfg.run.seed, _HEAD))
+            head = head.to(self._load_device)
         self.policy = Policy(self.model, rollout_head=head)
         if sharded:
             shard(self.policy, **self._shard_kwargs)
@@ -153,16 +153,6 @@ class Trainer:
             # The config this run continues with, whatever the checkpoint was saved with.
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
-    def _check_world(self) -> None:
-        cfg, w = self.cfg, self.world
-        if not w.distributed:
-            return
-        for key in ("prompts_per_step", "mini_batch_prompts"):
-            if getattr(cfg.train, key) % w.size:
-                raise ConfigError(
-                    f"config train.{key}={getattr(cfg.train, key)} must be a multiple of the {w.size} processes"
-                )
-
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, Any]:
@@ -212,42 +202,36 @@ class Trainer:
         if self._uses_reference and self.ref_policy is None:
             self.ref_policy = self._reference_model()
         stage = self.policy_stage if self.r2po is None else self.r2po.stage(step)
-        timings: dict[str, float] = {}
-
-        peak = PeakMemory(self.device)
-        self._phase("rollout")
-        t0 = time.perf_counter()
+        clock = PhaseClock(self.device, self._phase)
+        clock.start("rollout")
         # Every rank draws the same prompts and samples its share; then all ranks see every group.
         slots = self.sampler.next()
         local = self.rollout(slots[world.rank :: world.size], step)
         batch = gather_rollouts(local, len(slots), cfg.rollout.n, world)
         self.engine.sleep()
-        metrics = self._rollout_metrics(batch, len(slots))
+        metrics = batch.step_metrics(len(slots))
         if self.r2po is not None:
             metrics.update(self.r2po.metrics(stage, batch, len(slots)))
-        t1 = time.perf_counter()
-        peak("rollout")
         seq_adv = stage.sequence_advantages(batch)
         # This rank's whole groups, balanced by tokens within every mini-batch.
-        g, n_prompts = cfg.rollout.n, len(slots)
+        n_prompts = len(slots)
         order = list(range(n_prompts))
         if n_prompts > cfg.train.mini_batch_prompts:
             order = self._permutation(n_prompts, step, epoch=0)
-        tokens = [sum(batch.length(p * g + j) for j in range(g)) for p in range(n_prompts)]
-        plan, imbalance = plan_mini_batches(tokens, order, cfg.train.mini_batch_prompts, world)
-        mine = sorted(p for mb in plan for p in mb)
-        position = {p: k for k, p in enumerate(mine)}
-        rows = [p * g + j for p in mine for j in range(g)]
-        batch, seq_adv = batch.select(rows), seq_adv[rows]
+        batch, seq_adv, first_epoch, imbalance = rank_share(
+            batch, seq_adv, order, cfg.train.mini_batch_prompts, world
+        )
         metrics["batch/rank_token_imbalance"] = imbalance
         n_updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts * cfg.train.epochs_per_batch
-        self._phase("pre-pass")
+        clock.start("prepass")
         algo = stage.algo
         need_old = needs_old_logprobs(algo, n_updates)
         seed = _seed(cfg.run.seed, _RESRL, step)
         # ResRL weights of whole groups inside the on-policy update's forward; the rest here.
         stats = WeightStats()
-        inline, prepass_groups = plan_weights(batch, algo, cfg.train, need_old=need_old, seed=seed, stats=stats)
+        inline, prepass_groups = plan_weights(
+            batch, algo, cfg.train, need_old=need_old, seed=seed, stats=stats
+        )
         with stop_if_not_finite("pre-pass", step + 1):
             prepass(
                 self.policy,
@@ -268,42 +252,25 @@ class Trainer:
             )
         seq_adv, found = after_prepass(algo, batch, seq_adv, world, keep_old=n_updates > 1)
         metrics.update(found)
-        t2 = time.perf_counter()
-        peak("prepass")
-        self._phase("update")
-        first_epoch = [[position[p] for p in mb] for mb in plan]
+        clock.start("update")
         with stop_if_not_finite("update", step + 1):
             metrics.update(self.update(batch, seq_adv, step, first_epoch, inline=inline, stage=stage))
         if algo.objective == "resrl":
             metrics.update(stats.metrics(world))
         check_finite(step + 1, metrics, self.policy, world)
-        t3 = time.perf_counter()
-        peak("update")
-        self._phase("sync")
+        clock.start("sync")
         self.engine.wake_up()
         stage.sync()
-        t4 = time.perf_counter()
-        peak("sync")
-        metrics.update(peak.values)
-        tokens = metrics.pop("_tokens")
-        for name, seconds in (
-            ("rollout", t1 - t0),
-            ("prepass", t2 - t1),
-            ("update", t3 - t2),
-            ("sync", t4 - t3),
-        ):
-            timings[f"time/{name}_s"] = seconds
-            if name != "sync" and seconds > 0:
-                timings[f"throughput/{name}_tokens_per_s"] = tokens / seconds
-        metrics.update(timings)
-        metrics["time/step_s"] = t4 - t0
+        metrics.update(clock.stop(tokens=metrics.pop("_tokens")))
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
         return mean_over_ranks(metrics, self.world)
 
     def _phase(self, name: str) -> None:
         """Show the phase running now on the progress bar."""
         if self._bar is not None:
-            self._bar.set_description_str(f"{self.cfg.algorithm.objective} {name}")
+            self._bar.set_description_str(
+                f"{self.cfg.algorithm.objective} {'pre-pass' if name == 'prepass' else name}"
+            )
 
     def _permutation(self, n: int, step: int, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(_seed(self.cfg.run.seed, _SHUFFLE, step * 1000 + epoch + 1))
@@ -314,7 +281,7 @@ class Trainer:
     def rollout(self, slots: list[int], step: int) -> RolloutBatch:
         """Sample G responses for each prompt slot of this rank and score them (under R²PO, from
         π_roll in both stages)."""
-        cfg, algo = self.cfg, self.cfg.algorithm
+        cfg = self.cfg
         params = SamplingParams(
             n=cfg.rollout.n,
             temperature=cfg.rollout.temperature,
@@ -331,48 +298,10 @@ class Trainer:
                 samples = self.engine.generate(prompts, params)
         else:
             samples = self.engine.generate(prompts, params)
-        # The step's responses are scored together (identical answers once, verifier processes in
-        # parallel: resrl.rewards.verify_batch).
-        flat = [
-            (s, self.train_set.examples[slot].answer)
-            for slot, group in zip(slots, samples, strict=True)
-            for s in group
-        ]
-        scores = self.reward_fn(
-            [s.text for s, _ in flat],
-            [answer for _, answer in flat],
-            truncated=[s.truncated for s, _ in flat],
-            negative_reward=algo.negative_reward,
-        )
-        rewards, positive, classes = [], [], []
-        for (s, _), r in zip(flat, scores, strict=True):
-            positive.append(r > 0)
-            classes.append(r)
-            if algo.length_reward:
-                r = length_scaled_reward(
-                    r,
-                    len(s.response_ids),
-                    l0=algo.length_l0,
-                    lmax=algo.length_lmax,
-                    scale=algo.length_scale,
-                )
-            rewards.append(r)
+        answers = [self.train_set.examples[slot].answer for slot in slots]
+        rewards, positive, classes = score_responses(samples, answers, self.reward_fn, cfg.algorithm)
         group_ids = [step * cfg.train.prompts_per_step + slot for slot in slots]
         return RolloutBatch.from_samples(samples, rewards, positive, group_ids, reward_class=classes)
-
-    def _rollout_metrics(self, batch: RolloutBatch, n_prompts: int) -> dict[str, float]:
-        lengths = batch.response_lengths().float()
-        acc_G = batch.positive.float().view(n_prompts, -1).mean(1)
-        return {
-            "reward/mean": float(batch.rewards.mean()),
-            "reward/accuracy": float(batch.positive.float().mean()),
-            "reward/groups_all_correct": float((acc_G == 1).float().mean()),
-            "reward/groups_all_wrong": float((acc_G == 0).float().mean()),
-            "response/length_mean": float(lengths.mean()),
-            "response/length_max": float(lengths.max()),
-            "response/truncated_frac": float(batch.truncated.float().mean()),
-            "_tokens": float(sum(batch.length(i) for i in range(len(batch)))),
-        }
 
     def update(
         self,
@@ -492,26 +421,11 @@ class Trainer:
 
     def _reference_model(self) -> Policy:
         """A frozen copy of the policy as RL starts (after any warm start), for the KL term: the
-        same architecture, sharded like the policy under FSDP2 (each rank holds its share), saved
-        in checkpoints beside the policy."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-        ref = Policy(
-            load_model(
-                self.cfg,
-                self.tokenizer,
-                self._load_device,
-                dtype=self._master_dtype,
-                compute_device=self.device,
-            )
+        same architecture, sharded like the policy under FSDP2, saved in checkpoints beside it."""
+        model = load_model(
+            self.cfg, self.tokenizer, self._load_device, dtype=self._master_dtype, compute_device=self.device
         )
-        if self.sharded:
-            shard(ref, **self._shard_kwargs)
-        ref.requires_grad_(False).eval()
-        # The causal LM's weights (the reference has no rollout head).
-        own = {k: v for k, v in get_model_state_dict(self.policy).items() if k.startswith("model.")}
-        set_model_state_dict(ref, own)
-        return ref
+        return frozen_copy(self.policy, Policy(model), self._shard_kwargs if self.sharded else None)
 
     def save(self) -> Path:
         meta = {
@@ -548,21 +462,9 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         meta = checkpoint.load_meta(path)
-        if bool(meta.get("has_rollout_head")) != (self.r2po is not None):
-            saved = "with" if meta.get("has_rollout_head") else "without"
-            raise ConfigError(
-                f"config r2po.enabled={self.cfg.r2po.enabled}: the checkpoint {path} was saved {saved} "
-                f"R²PO's rollout head; resume with r2po.enabled={not self.cfg.r2po.enabled}, or start a new run"
-            )
+        checkpoint.check_saved_with(meta, path, self.cfg, reference=self._uses_reference)
         frozen = None
         if self._uses_reference:
-            if not meta.get("has_reference"):
-                raise ConfigError(
-                    f"config algorithm.kl_coef={self.cfg.algorithm.kl_coef}, objective="
-                    f"{self.cfg.algorithm.objective}, r2po.head_kl_coef={self.cfg.r2po.head_kl_coef}: the "
-                    f"checkpoint {path} has no KL reference model (it was saved without a KL term and "
-                    "ACE); resume with the settings it was saved with, or start a new run"
-                )
             self.ref_policy = self._reference_model()
             frozen = {"reference": self.ref_policy}
         own = self._optimizers()
@@ -574,7 +476,9 @@ class Trainer:
         self.history = state["history"]
         self.step = state["step"]
         o = self.cfg.optim
-        checkpoint.apply_optim_config(self.optimizer, self.scheduler, o.lr, (o.beta1, o.beta2), o.weight_decay)
+        checkpoint.apply_optim_config(
+            self.optimizer, self.scheduler, o.lr, (o.beta1, o.beta2), o.weight_decay
+        )
         self.engine.sync_weights(self.model)
         if self.r2po is not None:
             self.r2po.head_stage.scheduler.load_state_dict(state["head_scheduler"])

@@ -121,9 +121,9 @@ def test_inline_weights_equal_the_prepass_weights(tmp_path, packed, layer):
         t = batch.collate(mb, 0, torch.device("cpu"), packed=packed)
         seen = {}
 
-        def capture(sub_hidden_MD, mb=mb, seen=seen):
+        def capture(sub_hidden, base_logprob=None, mb=mb, seen=seen):
             lengths = [len(batch.response_ids[i]) for i in mb]
-            seen["w"] = inline.weights(mb, sub_hidden_MD, lengths, None)
+            seen["w"] = inline.weights(mb, sub_hidden, lengths, None)
             raise Captured  # the loss is not needed here
 
         with torch.no_grad(), pytest.raises(Captured):

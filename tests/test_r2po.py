@@ -289,3 +289,19 @@ def test_resume_mid_round_equals_the_uninterrupted_run_and_exports_have_no_head(
     with pytest.raises(ConfigError, match="saved with R²PO's rollout head; resume with r2po.enabled=True"):
         Trainer(small_cfg(tmp_path, "run.name=straight", "train.steps=4", "algorithm.objective=nsr",
                           "optim.lr=5e-3", "run.resume=force"))  # fmt: skip
+
+
+def test_evaluation_never_samples_with_the_head(tmp_path):
+    trainer = Trainer(small_cfg(tmp_path, *R2PO))
+    flags = []
+    generate = trainer.engine.generate
+
+    def recording(prompts, params):
+        flags.append(params.rollout_head)
+        return generate(prompts, params)
+
+    trainer.engine.generate = recording
+    trainer.evaluate("before")
+    assert flags and not any(flags)
+    trainer.rollout([0, 1], 0)
+    assert flags[-1] is True

@@ -335,3 +335,47 @@ def test_an_engine_without_the_head_refuses_it(base, tok, model_dir, prompts):
         assert len(plain.generate(prompts[:1], SamplingParams(max_new_tokens=4))[0]) == 1
     finally:
         plain.close()
+
+
+def test_r2po_training_with_the_vllm_engine(tmp_path):
+    """Three R²PO steps (head, policy, head) with rollout.engine=vllm: the engine samples π_roll, the
+    head's tensors reach it after each head step and the policy's weights after each policy step, so
+    in the head steps its sampling log-probs are the trainer's π_roll (the on-policy gap metric);
+    the engine's starting folder and the export hold no head weights."""
+    from safetensors.torch import load_file
+    from small import SMALL_RUN
+
+    from resrl.config import resolve
+    from resrl.tracker import read_metrics
+    from resrl.trainer import Trainer
+
+    cfg = resolve(
+        "tiny",
+        overrides=[
+            *SMALL_RUN,
+            "rollout.engine=vllm",
+            "train.steps=3",
+            "r2po.enabled=true",
+            "r2po.head_init_std=0.05",
+            "r2po.head_lr=1e-2",
+            "algorithm.objective=nsr",
+            "optim.lr=5e-3",
+            f"run.out_dir={tmp_path}",
+            "run.name=v",
+        ],
+    )
+    trainer = Trainer(cfg)
+    trainer.fit()
+    trainer.engine.close()
+    rows = read_metrics(tmp_path / "v")
+    assert [r["r2po/stage"] for r in rows] == [0.0, 1.0, 0.0]
+    for row in rows:
+        if row["r2po/stage"] == 0.0:
+            assert row["rollout/logprob_gap"] < 1e-4, row["rollout/logprob_gap"]
+        assert row["r2po/head_w2_norm"] > 0
+    # The head moved in step 1 (its norm changed), so step 3 sampled with the synced new head.
+    assert rows[2]["r2po/head_w2_norm"] != rows[0]["r2po/head_w2_norm"]
+    for folder in ("rollout_init", "final"):
+        assert not [
+            k for k in load_file(tmp_path / "v" / folder / "model.safetensors") if "rollout_head" in k
+        ]
