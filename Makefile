@@ -34,7 +34,7 @@ $(VVENV)/.installed: setup.py
 	touch $@
 
 test-vllm: setup-vllm
-	$(VVENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests/test_vllm.py
+	$(VVENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests/test_vllm.py tests/test_vllm_r2po.py
 
 demo: setup
 	$(PY) -m resrl train --preset tiny

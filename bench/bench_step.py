@@ -67,6 +67,7 @@ def reference_forward(
     positions=None,
     logprobs=True,
     token_loss=None,
+    token_loss_fn=None,
 ):
     """`forward_logprobs`'s contract computed the reference recipe's way: full logits in fp32 and
     every layer's hidden states (hidden_states[-2] is the input of the last decoder layer), on
@@ -96,6 +97,8 @@ def reference_forward(
         logprob = logprob.reshape(-1)[positions]
         entropy = None if entropy is None else entropy.reshape(-1)[positions]
         sub = None if sub is None else sub.reshape(-1, sub.shape[-1])[positions]
+    if token_loss_fn is not None:
+        token_loss = token_loss_fn(sub_hidden=sub, base_logprob=None)
     if token_loss is not None:
         loss = token_loss(logprob, entropy, slice(0, logprob.shape[0]))
         detached = None if entropy is None else entropy.detach()

@@ -104,6 +104,25 @@ def group_advantages(
 # --------------------------------------------------------------------------- §3 objectives
 
 
+def rarity(reward_class: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """R²PO's rarity (ALGORITHMS.md §5): 1 / the number of responses of the same group whose reward
+    class equals this one's ([B] fp32). `reward_class`: [B] float keys compared exactly (round them
+    first; a length-scaled reward is continuous, so pass the reward before scaling)."""
+    _check_tensor("reward_class", reward_class, 1, "f")
+    _check_tensor("group_ids", group_ids, 1, "i")
+    if group_ids.shape[0] != reward_class.shape[0]:
+        raise ValueError(
+            f"group_ids has {group_ids.shape[0]} entries but reward_class has {reward_class.shape[0]}"
+        )
+    if reward_class.numel() == 0:
+        return torch.zeros(0, dtype=torch.float32)
+    if not bool(torch.isfinite(reward_class).all()):
+        raise ValueError("reward_class contains NaN or Inf; every reward must be a finite number")
+    pairs = torch.stack([group_ids.double(), reward_class.double()], 1)
+    _, inverse, counts = torch.unique(pairs, dim=0, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse].float()
+
+
 def token_advantages(
     objective: str,
     seq_adv: torch.Tensor,  # [B] float

@@ -30,10 +30,18 @@ class RolloutBatch:
     group: torch.Tensor  # [B] int64, global prompt-group id (seeds ResRL's subsampling)
     token_values: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     """Per-token values filled by the pre-pass: old_logprob, ref_logprob, resrl_weight."""
+    reward_class: torch.Tensor | None = None
+    """[B] fp32, the reward before length scaling (R²PO's rarity key: a length-scaled reward is
+    continuous); None: the rewards themselves."""
 
     @classmethod
     def from_samples(
-        cls, samples: list[list[Sample]], rewards: list[float], positive: list[bool], group_ids: list[int]
+        cls,
+        samples: list[list[Sample]],
+        rewards: list[float],
+        positive: list[bool],
+        group_ids: list[int],
+        reward_class: list[float] | None = None,
     ) -> RolloutBatch:
         flat = [s for group in samples for s in group]
         groups = [g for g, group in zip(group_ids, samples, strict=True) for _ in group]
@@ -45,6 +53,7 @@ class RolloutBatch:
             positive=torch.tensor(positive, dtype=torch.bool),
             truncated=torch.tensor([s.truncated for s in flat], dtype=torch.bool),
             group=torch.tensor(groups, dtype=torch.long),
+            reward_class=None if reward_class is None else torch.tensor(reward_class, dtype=torch.float32),
         )
 
     @classmethod
@@ -84,6 +93,7 @@ class RolloutBatch:
             truncated=self.truncated[rows],
             group=self.group[rows],
             token_values={k: [v[i] for i in rows] for k, v in self.token_values.items()},
+            reward_class=None if self.reward_class is None else self.reward_class[rows],
         )
 
     @classmethod
@@ -101,7 +111,25 @@ class RolloutBatch:
             truncated=torch.cat([b.truncated for b in batches]),
             group=torch.cat([b.group for b in batches]),
             token_values={k: [t for b in batches for t in b.token_values[k]] for k in sorted(keys)},
+            reward_class=None
+            if any(b.reward_class is None for b in batches)
+            else torch.cat([b.reward_class for b in batches]),
         )
+
+    def step_metrics(self, n_prompts: int) -> dict[str, float]:
+        """The rollout's metrics (reward/*, response/*) and "_tokens", its prompt+response tokens."""
+        lengths = self.response_lengths().float()
+        acc_G = self.positive.float().view(n_prompts, -1).mean(1)
+        return {
+            "reward/mean": float(self.rewards.mean()),
+            "reward/accuracy": float(self.positive.float().mean()),
+            "reward/groups_all_correct": float((acc_G == 1).float().mean()),
+            "reward/groups_all_wrong": float((acc_G == 0).float().mean()),
+            "response/length_mean": float(lengths.mean()),
+            "response/length_max": float(lengths.max()),
+            "response/truncated_frac": float(self.truncated.float().mean()),
+            "_tokens": float(sum(self.length(i) for i in range(len(self)))),
+        }
 
     def response_lengths(self) -> torch.Tensor:
         return torch.tensor([len(r) for r in self.response_ids], dtype=torch.long)

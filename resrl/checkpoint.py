@@ -18,6 +18,7 @@ and resharded on load, so a run saved at N processes resumes at M.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import random
@@ -78,7 +79,7 @@ def save(
     step: int,
     *,
     module: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
     meta: dict[str, Any],
     keep: int = 2,
     world: World = SINGLE,
@@ -341,7 +342,7 @@ def load(
     path: str | os.PathLike,
     *,
     module: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
     frozen: dict[str, nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Restore model, optimizer and the named `frozen` modules (resharded to this run's
@@ -359,6 +360,55 @@ def load(
     for key, frozen_module in (frozen or {}).items():
         set_model_state_dict(frozen_module, state[key])
     return load_meta(path)
+
+
+def check_saved_with(meta: dict[str, Any], path: Path, cfg: Any, *, reference: bool) -> None:
+    """One line when the checkpoint cannot resume this config (`cfg`): saved with R²PO's rollout
+    head and resumed without (or the reverse), or a KL reference wanted (`reference`) that it lacks."""
+    if bool(meta.get("has_rollout_head")) != cfg.r2po.enabled:
+        saved = "with" if meta.get("has_rollout_head") else "without"
+        raise ConfigError(
+            f"config r2po.enabled={cfg.r2po.enabled}: the checkpoint {path} was saved {saved} R²PO's "
+            f"rollout head; resume with r2po.enabled={not cfg.r2po.enabled}, or start a new run"
+        )
+    if reference and not meta.get("has_reference"):
+        raise ConfigError(
+            f"config algorithm.kl_coef={cfg.algorithm.kl_coef}, objective={cfg.algorithm.objective}, "
+            f"r2po.head_kl_coef={cfg.r2po.head_kl_coef}: the checkpoint {path} has no KL reference model "
+            "(it was saved without a KL term and ACE); resume with the settings it was saved with, or "
+            "start a new run"
+        )
+
+
+def apply_optim_config(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+) -> None:
+    """The optimizer's hyperparameters from this run's config, not the checkpoint's (which loading
+    restored): they equal unless run.resume=force changed them, and then config.json must describe
+    what runs. The schedule keeps its position and takes the new peak lr."""
+    for group in optimizer.param_groups:
+        group.update(betas=betas, weight_decay=weight_decay, initial_lr=lr)
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = lr * factor(scheduler.last_epoch)
+
+
+def record_config_changes(
+    run_dir: Path, history: dict[str, Any], step: int, path: Path, changes: dict, *, write: bool
+) -> None:
+    """A resume with run.resume=force: the changed keys go into the history (saved in later
+    checkpoints) and, where `write`, one line of <run>/config_changes.jsonl and a warning."""
+    record = {"step": step, "checkpoint": str(path), "changed": changes}
+    history.setdefault("config_changes", []).append(record)
+    if write:
+        with open(Path(run_dir) / "config_changes.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        warn(f"run.resume=force: continuing with {changed} (recorded in config_changes.jsonl)")
 
 
 def load_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -380,8 +430,11 @@ def export_hf(
     model = policy.model
     if sharded:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # The causal LM's keys only (never R²PO's `rollout_head.*`, a sibling of `model`).
         state = {
-            k.removeprefix("model."): v for k, v in get_model_state_dict(policy, options=options).items()
+            k.removeprefix("model."): v
+            for k, v in get_model_state_dict(policy, options=options).items()
+            if k.startswith("model.")
         }
         if getattr(model.config, "tie_word_embeddings", False):
             # Tied: the LM head is the embedding; save_pretrained stores it once.

@@ -397,6 +397,56 @@ class RunConfig:
             _fail("run.device", f"{self.device!r} is not supported; accepted: auto, cpu, cuda, cuda:N")
 
 
+R2PO_HEAD_ADVANTAGES = ("rarity", "grpo")
+R2PO_KL_TARGETS = ("reference", "policy")
+
+
+@dataclass
+class R2POConfig:
+    """R²PO (docs/ALGORITHMS.md §5): a residual rollout head samples the training rollouts; the RL
+    steps alternate between training the head (stage A) and the policy (stage B)."""
+
+    enabled: bool = False
+    """Sample every training rollout from pi_roll (policy + rollout head) and alternate the stages;
+    evaluation and exports stay the policy's own."""
+    head_steps: int = 1
+    """RL steps of stage A (the head trains, the policy is frozen) per round; 0: the head is never
+    trained (a control: with head_init_std 0 the run is GRPO's)."""
+    policy_steps: int = 1
+    """RL steps of stage B (the policy trains on pi_roll's samples, the head is frozen) per round."""
+    head_init_std: float = 1e-6
+    """W1 and W2 start as N(0, std^2) (the reference's reset_adaptor); 0: a zero head (pi_roll = pi)."""
+    head_lr: float | None = None
+    """AdamW lr of the head; null: optim.lr."""
+    head_weight_decay: float = 0.0
+    """AdamW weight decay of the head."""
+    head_warmup_steps: int = 0
+    """Linear lr warm-up of the head, in head optimizer steps (the reference: none)."""
+    head_grad_clip: float = 0.0
+    """Gradient-norm clip of the head; 0: none (the reference clips nothing)."""
+    head_advantage: str = "rarity"
+    """Stage A's sequence advantage: rarity (1 / how many responses of the group share the reward,
+    z-scored in the group) or grpo (the group z-score of the reward)."""
+    head_kl_coef: float = 0.04
+    """beta of stage A's k3 KL term between pi_roll and head_kl_target; 0: none."""
+    head_kl_target: str = "reference"
+    """What stage A's KL pulls pi_roll toward: reference (the policy where RL started, the
+    reference code's choice) or policy (the current pi, no extra model kept)."""
+
+    def validate(self) -> None:
+        _at_least("r2po.head_steps", self.head_steps, 0)
+        _at_least("r2po.policy_steps", self.policy_steps, 1)
+        _at_least("r2po.head_init_std", self.head_init_std, 0.0)
+        if self.head_lr is not None and not self.head_lr > 0:
+            _fail("r2po.head_lr", f"must be > 0 or null (optim.lr), got {self.head_lr!r}")
+        _at_least("r2po.head_weight_decay", self.head_weight_decay, 0.0)
+        _at_least("r2po.head_warmup_steps", self.head_warmup_steps, 0)
+        _at_least("r2po.head_grad_clip", self.head_grad_clip, 0.0)
+        _choice("r2po.head_advantage", self.head_advantage, R2PO_HEAD_ADVANTAGES)
+        _at_least("r2po.head_kl_coef", self.head_kl_coef, 0.0)
+        _choice("r2po.head_kl_target", self.head_kl_target, R2PO_KL_TARGETS)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -407,6 +457,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    r2po: R2POConfig = field(default_factory=R2POConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
@@ -434,6 +485,11 @@ class Config:
                 f"algorithm.advantage={algo.advantage}: the advantage is relative to the group, so a "
                 "group of one has advantage 0 and nothing is learned; use rollout.n >= 2, "
                 "algorithm.advantage=reinforce, or objective psr, nsr or w_reinforce",
+            )
+        if self.r2po.enabled and self.rollout.n < 2:
+            _fail(
+                "rollout.n",
+                "R²PO (r2po.enabled) needs rollout.n >= 2: both stages' advantages are group-relative",
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -81,16 +82,25 @@ class Policy(nn.Module):
     """The trainer-owned forward (`resrl.model.forward_logprobs`) as a module: the FSDP2 root.
 
     `forward_fn` replaces that forward (same signature and outputs); benchmarks use it to run
-    another path (full logits) through the same sharded module."""
+    another path (full logits) through the same sharded module. `rollout_head` (R²PO's
+    `resrl.rollout_head.RolloutHead`) is a sibling of the Hugging Face model, never inside it:
+    `policy.model`'s parameters (the policy optimizer, `save_pretrained`, the engines' weight
+    streaming) never see it; checkpoints of the Policy do. `forward(..., rollout_head=True)`
+    scores with π_roll."""
 
-    def __init__(self, model: nn.Module, forward_fn=None) -> None:
+    def __init__(self, model: nn.Module, forward_fn=None, rollout_head: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.forward_fn = forward_fn
+        self.rollout_head = rollout_head
 
-    def forward(self, input_ids, attention_mask, **kwargs):
+    def forward(self, input_ids, attention_mask, *, rollout_head: bool = False, **kwargs):
         from resrl.model import forward_logprobs
 
+        if rollout_head:
+            if self.rollout_head is None:
+                raise RuntimeError("Policy.forward(rollout_head=True) on a policy without a rollout head")
+            kwargs["rollout_head"] = self.rollout_head
         return (self.forward_fn or forward_logprobs)(self.model, input_ids, attention_mask, **kwargs)
 
 
@@ -109,8 +119,27 @@ def shard(policy: Policy, *, bf16: bool, offload: bool) -> Policy:
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for layer in policy.model.model.layers:
         fully_shard(layer, **kwargs)
+    if policy.rollout_head is not None:
+        # Its own unit: gathered only when its forward runs, so stage B never all-gathers W2. No
+        # mixed-precision policy: its sharded weights and gradient reduction stay fp32 (steps of ~lr
+        # on weights that start at 1e-6); its forward casts to the compute dtype.
+        fully_shard(policy.rollout_head, **{k: v for k, v in kwargs.items() if k != "mp_policy"})
     fully_shard(policy, **kwargs)
     return policy
+
+
+def frozen_copy(policy: Policy, copy: Policy, shard_kwargs: dict | None) -> Policy:
+    """`copy` (a Policy around a freshly built model of the same architecture) made a frozen copy
+    of `policy`'s causal LM: sharded like it when `shard_kwargs` are given (each rank its share),
+    no gradients, eval mode; R²PO's rollout head is not part of it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    if shard_kwargs is not None:
+        shard(copy, **shard_kwargs)
+    copy.requires_grad_(False).eval()
+    own = {k: v for k, v in get_model_state_dict(policy).items() if k.startswith("model.")}
+    set_model_state_dict(copy, own)
+    return copy
 
 
 def _fsdp_modules(module: nn.Module) -> list[nn.Module]:
@@ -163,7 +192,8 @@ def common_count(n: int, world: World, device: torch.device) -> int:
     return int(t.item())
 
 
-def idle_forward(policy: nn.Module, pad_id: int, device: torch.device) -> dict:
-    """A forward on two padding tokens: the turn of a rank that has run out of micro-batches."""
+def idle_forward(policy: nn.Module, pad_id: int, device: torch.device, **forward: Any) -> dict:
+    """A forward on two padding tokens: the turn of a rank that has run out of micro-batches
+    (`forward`: the other ranks' forward options, e.g. rollout_head=True, so the same units gather)."""
     ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
-    return policy(ids, torch.ones_like(ids), return_entropy=True)
+    return policy(ids, torch.ones_like(ids), return_entropy=True, **forward)

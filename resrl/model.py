@@ -9,6 +9,7 @@ taken by one forward pre-hook on the last decoder layer (`HiddenCapture`), never
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -146,7 +147,10 @@ def forward_logprobs(
     positions: torch.Tensor | None = None,  # [M] int64, into the [B * (L-1)] logprob layout
     logprobs: bool = True,
     token_loss: kernels.fused_loss.TokenLoss | None = None,
-    token_loss_fn: Callable[[torch.Tensor], kernels.fused_loss.TokenLoss] | None = None,
+    token_loss_fn: Callable[..., kernels.fused_loss.TokenLoss] | None = None,
+    rollout_head: nn.Module | None = None,
+    trunk_grad: bool = True,
+    return_base: bool = False,
 ) -> dict[str, torch.Tensor | None]:
     """Log-prob of each next token under the model, without logits.
 
@@ -178,6 +182,12 @@ def forward_logprobs(
     `subspace_layer`): called with `sub_hidden` [M, D] after the trunk and before the LM head, it
     returns the token loss. The update's ResRL weights of whole groups are formed this way, so no
     second trunk forward is needed for them (`resrl.weights.InlineWeights`).
+
+    R²PO's π_roll (`rollout_head`, a `resrl.rollout_head.RolloutHead`, with `positions`): logprob
+    and entropy (and a `token_loss`, through autograd) are π_roll's, from the two-part fused LM
+    head. `trunk_grad=False` runs the trunk under no_grad and detaches the LM-head weight, so only
+    the head's W1 and W2 get gradients (stage A). `return_base` adds "base_logprob" [M], the
+    policy's own log-prob at the same rows (no grad; passed to `token_loss_fn` as base_logprob).
 
     Runs `model.model` (the trunk) with position ids from the attention-mask cumsum, then
     `kernels.linear_logprob` (or `linear_logprob_loss`) on `model.lm_head.weight` (tied or not).
@@ -225,12 +235,10 @@ def forward_logprobs(
             )
     if token_loss is not None and (positions is None or not logprobs):
         raise ValueError("token_loss needs positions (the rows the loss covers) and logprobs=True")
-    if token_loss_fn is not None and (
-        token_loss is not None or positions is None or not logprobs or subspace_layer is None
-    ):
-        raise ValueError(
-            "token_loss_fn needs positions, logprobs=True and a subspace_layer, and excludes token_loss"
-        )
+    if token_loss_fn is not None and (token_loss is not None or positions is None or not logprobs):
+        raise ValueError("token_loss_fn needs positions and logprobs=True, and excludes token_loss")
+    if (rollout_head is not None or return_base or not trunk_grad) and positions is None:
+        raise ValueError("rollout_head, return_base and trunk_grad=False need positions (the rows scored)")
     if not logprobs and positions is None:
         raise ValueError("logprobs=False needs positions (the rows whose hidden states are wanted)")
     if subspace_layer not in SUBSPACE_LAYERS:
@@ -243,17 +251,16 @@ def forward_logprobs(
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     capture = HiddenCapture(model) if subspace_layer == "penultimate" else None
-    if capture is not None:
-        with capture:
-            out = trunk(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            )
-    else:
+    with contextlib.ExitStack() as stack:
+        if capture is not None:
+            stack.enter_context(capture)
+        if not trunk_grad:
+            stack.enter_context(torch.no_grad())
         out = trunk(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
     hidden_BLD = out.last_hidden_state
-    weight_VD = lm_head.weight
+    weight_VD = lm_head.weight if trunk_grad else lm_head.weight.detach()
     d = hidden_BLD.shape[-1]
     if positions is None:
         hidden_ND = hidden_BLD[:, :-1].reshape(-1, d).to(weight_VD.dtype)
@@ -284,11 +291,25 @@ def forward_logprobs(
     elif capture is not None:
         sub_hidden = capture.hidden.reshape(-1, d)[flat_M]
         capture.hidden = None  # the [B, L, D] capture is not kept past the gather
-    if token_loss_fn is not None:
-        token_loss = token_loss_fn(sub_hidden)
     result: dict[str, torch.Tensor | None] = {}
+    base_M = None
+    if return_base:
+        with torch.no_grad():
+            base_M, _ = kernels.linear_logprob(hidden_MD, weight_VD, target_M, temperature=temperature)
+        result["base_logprob"] = base_M
+    if token_loss_fn is not None:
+        token_loss = token_loss_fn(sub_hidden=sub_hidden, base_logprob=base_M)
     logprob_M = entropy_M = None
-    if token_loss is not None:
+    if rollout_head is not None:
+        # π_roll through autograd (the head's gradients are the only ones in stage A).
+        logprob_M, entropy_M = rollout_head(
+            hidden_MD, weight_VD, target_M, temperature=temperature, return_entropy=return_entropy
+        )
+        if token_loss is not None:
+            result["loss"] = token_loss(logprob_M, entropy_M, slice(0, logprob_M.shape[0]))
+            logprob_M = logprob_M.detach()
+            entropy_M = None if entropy_M is None else entropy_M.detach()
+    elif token_loss is not None:
         result["loss"], logprob_M, entropy_M = kernels.linear_logprob_loss(
             hidden_MD, weight_VD, target_M, token_loss, temperature=temperature, with_entropy=return_entropy
         )

@@ -43,12 +43,16 @@ def prepass(
     device: torch.device | None = None,
     groups: set[int] | None = None,
     stats: WeightStats | None = None,
+    forward: dict | None = None,
 ) -> dict[str, float]:
     """Fill batch.token_values with old_logprob (if need_old), ref_logprob (if ref_policy) and
     resrl_weight (objective resrl: the mixed groups in `groups`, all when None; 1 elsewhere).
     Micro-batches hold `micro_batch_size` padded sequences, or are packed up to `max_tokens` tokens
     when that is > 0. Adds the weights' sums to `stats` and returns this rank's `resrl/*` metrics
-    of the groups weighed here. Every rank calls it (collectives)."""
+    of the groups weighed here. `forward`: options of the policy's forwards (R²PO's stage A scores
+    old log-probs with π_roll: rollout_head=True). Every rank calls it (collectives)."""
+    # Only forwards that score old log-probs use them (ResRL's hidden states are the trunk's).
+    forward = (forward or {}) if need_old else {}
     use_resrl = algo.objective == "resrl"
     if not (need_old or ref_policy is not None or use_resrl):
         return {}
@@ -76,7 +80,7 @@ def prepass(
     # Cut without reordering: the positives must stay first.
     chunks = batch.chunks(order, micro_batch_size, max_tokens)
     for _ in range(common_count(len(chunks), world, device) - len(chunks)):
-        idle_forward(policy, pad_id, device)
+        idle_forward(policy, pad_id, device, **forward)
         if ref_policy is not None:
             idle_forward(ref_policy, pad_id, device)
     for idx in chunks:
@@ -95,10 +99,11 @@ def prepass(
                 subspace_layer=algo.subspace_layer if wants_hidden else None,
                 # The LM head only when old log-probs are wanted (ResRL alone needs the trunk).
                 logprobs=need_old,
+                **forward,
             )
         elif world.distributed:
             # The other ranks may forward the policy here: its collectives must pair up.
-            idle_forward(policy, pad_id, device)
+            idle_forward(policy, pad_id, device, **forward)
         if need_old:
             for i, lp in zip(idx, out["logprob"].cpu().split(lengths), strict=True):
                 old[i] = lp

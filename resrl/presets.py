@@ -2,6 +2,9 @@
 
 - `tiny`: the embedded default. A small Qwen3 built from a config, the arithmetic task generated in
   code, a short supervised warm start, then ResRL; minutes on a 2-core CPU.
+- `tiny-r2po`: `tiny` with R²PO (docs/ALGORITHMS.md §5): rollouts from the policy plus a residual
+  rollout head, alternating one head step (stage A, rarity advantage) and one policy step (stage B,
+  GRPO) over the same 100 RL steps, so the policy gets 50 updates.
 - `qwen3-4b-math-resrl`: the ResRL paper's recipe for Qwen3-4B on math (256 prompts x 4 rollouts,
   mini-batch 64 prompts, lr 1e-6 with 10 warm-up steps, weight decay 0.1, prompt/response
   2048/4096 tokens, temperature 1.0 for training rollouts and 0.6 for evaluation, length-scaled
@@ -59,6 +62,24 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "run": {"name": "qwen3-4b-math-resrl", "checkpoint_every": 20},
     },
 }
+
+
+def _on_top(base: str, changes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Preset `base` with `changes` applied section by section."""
+    out = copy.deepcopy(PRESETS[base])
+    for section, values in changes.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+PRESETS["tiny-r2po"] = _on_top(
+    "tiny",
+    {
+        "algorithm": {"objective": "grpo"},
+        "r2po": {"enabled": True, "head_steps": 1, "policy_steps": 1, "head_lr": 2e-4, "head_init_std": 1e-6},
+        "run": {"name": "tiny-r2po"},
+    },
+)
 
 
 def preset_dict(name: str) -> dict[str, dict[str, Any]]:

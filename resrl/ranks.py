@@ -13,6 +13,20 @@ from resrl.batch import RolloutBatch, balance_groups
 from resrl.distributed import World, all_gather_objects
 
 
+def check_world(cfg, world: World) -> None:
+    """Every rank samples and trains an equal share of whole prompt groups: the step's prompts and
+    the mini-batch must divide by the number of processes (one-line ConfigError otherwise)."""
+    from resrl.config import ConfigError
+
+    if not world.distributed:
+        return
+    for key in ("prompts_per_step", "mini_batch_prompts"):
+        if getattr(cfg.train, key) % world.size:
+            raise ConfigError(
+                f"config train.{key}={getattr(cfg.train, key)} must be a multiple of the {world.size} processes"
+            )
+
+
 def gather_rollouts(local: RolloutBatch, n_prompts: int, group_size: int, world: World) -> RolloutBatch:
     """Every rank's groups on every rank, in the order of the step's prompts: rank r sampled
     prompts r, r + size, ... (`group_size` sequences each)."""
@@ -39,6 +53,21 @@ def plan_mini_batches(
         for r, groups in enumerate(split):
             load[r] += sum(tokens[p] for p in groups)
     return plan, max(load) / max(sum(load) / len(load), 1)
+
+
+def rank_share(
+    batch: RolloutBatch, seq_adv, order: list[int], mini_batch_prompts: int, world: World
+) -> tuple[RolloutBatch, object, list[list[int]], float]:
+    """This rank's share of a step: its whole prompt groups (`plan_mini_batches` over the groups'
+    token counts, mini-batches cut from `order`), as (its sequences of `batch`, their `seq_adv`,
+    its groups per mini-batch as positions in the returned batch, the token imbalance)."""
+    g = len(batch) // len(order)
+    tokens = [sum(batch.length(p * g + j) for j in range(g)) for p in range(len(order))]
+    plan, imbalance = plan_mini_batches(tokens, order, mini_batch_prompts, world)
+    mine = sorted(p for mb in plan for p in mb)
+    position = {p: k for k, p in enumerate(mine)}
+    rows = [p * g + j for p in mine for j in range(g)]
+    return batch.select(rows), seq_adv[rows], [[position[p] for p in mb] for mb in plan], imbalance
 
 
 def sum_over_ranks(sums: dict[str, float], world: World) -> dict[str, float]:

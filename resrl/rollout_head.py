@@ -29,8 +29,17 @@ class RolloutHead(nn.Module):
 
     def __init__(self, hidden_size: int, vocab_size: int) -> None:
         super().__init__()
-        self.layer1 = nn.Linear(hidden_size, hidden_size, bias=False, dtype=torch.float32)
-        self.layer2 = nn.Linear(hidden_size, vocab_size, bias=False, dtype=torch.float32)
+        # nn.Linear's default init draws from the global RNG: forked, so adding a head changes no
+        # other random stream of the run (`reset` sets the weights from the head's own seed).
+        with torch.random.fork_rng(devices=[]):
+            self.layer1 = nn.Linear(hidden_size, hidden_size, bias=False, dtype=torch.float32)
+            self.layer2 = nn.Linear(hidden_size, vocab_size, bias=False, dtype=torch.float32)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, std: float, seed: int) -> RolloutHead:
+        """A head for a causal LM (its LM head's [V, D]), reset to N(0, std²) from `seed`."""
+        v, d = model.get_output_embeddings().weight.shape
+        return cls(d, v).reset(std, seed)
 
     @torch.no_grad()
     def reset(self, std: float, seed: int) -> RolloutHead:

@@ -50,7 +50,8 @@ def warm_start(
         raise ValueError(f"sft.batch_size={cfg.batch_size} is smaller than the {world.size} processes")
     # The compute device (CPU-offloaded shards live on the CPU): given, or the parameters'.
     device = device or next(policy.parameters()).device
-    params = [p for p in policy.parameters() if p.requires_grad]
+    # The causal LM's own parameters (never R²PO's rollout head, a sibling inside the Policy).
+    params = [p for p in getattr(policy, "model", policy).parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     policy.train()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,40 @@ class PeakMemory:
             return
         self.values[f"memory/{phase}_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         torch.cuda.reset_peak_memory_stats(self.device)
+
+
+class PhaseClock:
+    """Wall time and peak accelerator memory of each phase of one step: `start(name)` ends the
+    running phase and starts `name` (and tells `show`, e.g. the progress bar); `stop(tokens)` ends
+    the last one and returns time/<phase>_s, throughput/<phase>_tokens_per_s (the step's tokens
+    over the phase's seconds; not for sync), memory/<phase>_peak_gib on CUDA and time/step_s."""
+
+    def __init__(self, device: torch.device, show=None) -> None:
+        self.peak = PeakMemory(device)
+        self.show = show
+        self.times: dict[str, float] = {}
+        self.name: str | None = None
+        self.t0 = self.mark = time.perf_counter()
+
+    def _end(self) -> None:
+        now = time.perf_counter()
+        if self.name is not None:
+            self.times[self.name] = now - self.mark
+            self.peak(self.name)
+        self.name, self.mark = None, now
+
+    def start(self, name: str) -> None:
+        self._end()
+        self.name = name
+        if self.show is not None:
+            self.show(name)
+
+    def stop(self, tokens: float) -> dict[str, float]:
+        self._end()
+        out = dict(self.peak.values)
+        for name, seconds in self.times.items():
+            out[f"time/{name}_s"] = seconds
+            if name != "sync" and seconds > 0:
+                out[f"throughput/{name}_tokens_per_s"] = tokens / seconds
+        out["time/step_s"] = self.mark - self.t0
+        return out

@@ -8,49 +8,43 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from resrl import checkpoint
-from resrl.algorithms import (
-    ace_advantages,
-    group_advantages,
-    group_seed,
-)
+from resrl.algorithms import group_seed
 from resrl.batch import RolloutBatch
-from resrl.config import Config, ConfigError, RunError
+from resrl.config import Config
 from resrl.distributed import (
     Policy,
     all_gather_objects,
+    frozen_copy,
     full_parameters,
     init_single_group,
     init_world,
     shard,
 )
+from resrl.guards import check_finite, stop_if_not_finite
 from resrl.loading import PromptSampler, load_model, load_task, resolve_device
+from resrl.objectives import after_prepass, needs_old_logprobs, uses_reference
 from resrl.prepass import prepass
-from resrl.ranks import (
-    gather_rollouts,
-    mean_over_ranks,
-    plan_mini_batches,
-    sum_over_ranks,
-)
-from resrl.rewards import get_batch_reward, length_scaled_reward
+from resrl.r2po import R2PO
+from resrl.ranks import check_world, gather_rollouts, mean_over_ranks, rank_share
+from resrl.rewards import get_batch_reward, score_responses
 from resrl.rollout import SamplingParams, build_engine
+from resrl.rollout_head import RolloutHead
 from resrl.sft import solution_ids, warm_start
-from resrl.tracker import PeakMemory, Tracker, warn
-from resrl.update import optimizer_step
+from resrl.tracker import PhaseClock, Tracker
+from resrl.update import Stage, optimizer_step
 from resrl.weights import InlineWeights, WeightStats, plan_weights
 
 # Seed streams: each use of randomness draws from its own seed, derived from the run seed, so that
 # resuming (or evaluating more often) never changes what a later step samples.
-_ROLLOUT, _EVAL, _RESRL, _SHUFFLE, _SFT = 1, 2, 3, 4, 5
+_ROLLOUT, _EVAL, _RESRL, _SHUFFLE, _SFT, _HEAD = 1, 2, 3, 4, 5, 6
 
 
 def _eval_label(tag: str) -> str:
@@ -68,7 +62,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.world = init_world(cfg.run.device)
-        self._check_world()
+        check_world(cfg, self.world)
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Decided before the model is built, so a refused resume fails in a second.
@@ -93,10 +87,15 @@ class Trainer:
         self.model = load_model(
             cfg, self.tokenizer, self._load_device, dtype=self._master_dtype, compute_device=self.device
         )
-        self.policy = Policy(self.model)
+        head = None
+        if cfg.r2po.enabled:
+            head = RolloutHead.for_model(self.model, cfg.r2po.head_init_std, _seed(cfg.run.seed, _HEAD))
+            head = head.to(self._load_device)
+        self.policy = Policy(self.model, rollout_head=head)
         if sharded:
             shard(self.policy, **self._shard_kwargs)
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        # The policy's parameters only: R²PO's head has its own optimizer (resrl.r2po).
+        params = [p for p in self.policy.model.parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
@@ -124,7 +123,20 @@ class Trainer:
             model_dir=None if engine_dir is None else str(engine_dir),
             max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
             seed=cfg.run.seed,
+            rollout_head=head is not None,
         )
+        # What a step trains: the policy, or (R²PO) the policy and the rollout head in turn.
+        self.policy_stage = Stage.policy(
+            self.policy,
+            self.optimizer,
+            self.scheduler,
+            cfg,
+            sample_head=head is not None,
+            sync=lambda: self.engine.sync_weights(self.model),
+        )
+        self.r2po = None if head is None else R2PO(cfg, self.policy, self.policy_stage, self.engine)
+        if head is not None:
+            self.engine.sync_head(head)
         self.ref_policy: Policy | None = None
         self.step = 0
         self.history: dict[str, Any] = {}
@@ -140,16 +152,6 @@ class Trainer:
             )
             # The config this run continues with, whatever the checkpoint was saved with.
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-
-    def _check_world(self) -> None:
-        cfg, w = self.cfg, self.world
-        if not w.distributed:
-            return
-        for key in ("prompts_per_step", "mini_batch_prompts"):
-            if getattr(cfg.train, key) % w.size:
-                raise ConfigError(
-                    f"config train.{key}={getattr(cfg.train, key)} must be a multiple of the {w.size} processes"
-                )
 
     # ------------------------------------------------------------------ the loop
 
@@ -199,133 +201,75 @@ class Trainer:
         cfg, world = self.cfg, self.world
         if self._uses_reference and self.ref_policy is None:
             self.ref_policy = self._reference_model()
-        timings: dict[str, float] = {}
-
-        peak = PeakMemory(self.device)
-        self._phase("rollout")
-        t0 = time.perf_counter()
+        stage = self.policy_stage if self.r2po is None else self.r2po.stage(step)
+        clock = PhaseClock(self.device, self._phase)
+        clock.start("rollout")
         # Every rank draws the same prompts and samples its share; then all ranks see every group.
         slots = self.sampler.next()
         local = self.rollout(slots[world.rank :: world.size], step)
         batch = gather_rollouts(local, len(slots), cfg.rollout.n, world)
         self.engine.sleep()
-        metrics = self._rollout_metrics(batch, len(slots))
-        t1 = time.perf_counter()
-        peak("rollout")
-        seq_adv = group_advantages(batch.rewards, batch.group, cfg.algorithm.advantage, batch.positive)
+        metrics = batch.step_metrics(len(slots))
+        if self.r2po is not None:
+            metrics.update(self.r2po.metrics(stage, batch, len(slots)))
+        seq_adv = stage.sequence_advantages(batch)
         # This rank's whole groups, balanced by tokens within every mini-batch.
-        g, n_prompts = cfg.rollout.n, len(slots)
+        n_prompts = len(slots)
         order = list(range(n_prompts))
         if n_prompts > cfg.train.mini_batch_prompts:
             order = self._permutation(n_prompts, step, epoch=0)
-        tokens = [sum(batch.length(p * g + j) for j in range(g)) for p in range(n_prompts)]
-        plan, imbalance = plan_mini_batches(tokens, order, cfg.train.mini_batch_prompts, world)
-        mine = sorted(p for mb in plan for p in mb)
-        position = {p: k for k, p in enumerate(mine)}
-        rows = [p * g + j for p in mine for j in range(g)]
-        batch, seq_adv = batch.select(rows), seq_adv[rows]
+        batch, seq_adv, first_epoch, imbalance = rank_share(
+            batch, seq_adv, order, cfg.train.mini_batch_prompts, world
+        )
         metrics["batch/rank_token_imbalance"] = imbalance
         n_updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts * cfg.train.epochs_per_batch
-        self._phase("pre-pass")
-        need_old = n_updates > 1 or cfg.algorithm.objective == "ace"
+        clock.start("prepass")
+        algo = stage.algo
+        need_old = needs_old_logprobs(algo, n_updates)
         seed = _seed(cfg.run.seed, _RESRL, step)
         # ResRL weights of whole groups inside the on-policy update's forward; the rest here.
         stats = WeightStats()
-        inline, prepass_groups = plan_weights(batch, cfg, need_old=need_old, seed=seed, stats=stats)
-        with self._stop_if_not_finite("pre-pass", step + 1):
+        inline, prepass_groups = plan_weights(
+            batch, algo, cfg.train, need_old=need_old, seed=seed, stats=stats
+        )
+        with stop_if_not_finite("pre-pass", step + 1):
             prepass(
                 self.policy,
                 batch,
-                cfg.algorithm,
+                algo,
                 temperature=cfg.rollout.temperature,
                 micro_batch_size=cfg.train.micro_batch_size,
                 pad_id=self.pad_id,
                 max_tokens=cfg.train.max_tokens_per_micro_batch if cfg.train.pack else 0,
                 seed=seed,
                 need_old=need_old,
-                ref_policy=self.ref_policy,
+                ref_policy=self.ref_policy if uses_reference(algo) and not stage.kl_to_base else None,
                 world=world,
                 device=self.device,
                 groups=prepass_groups,
                 stats=stats,
+                forward=stage.scoring,
             )
-        if cfg.algorithm.objective == "ace":
-            seq_adv = self._ace(batch, seq_adv, metrics, keep_old=n_updates > 1)
-        t2 = time.perf_counter()
-        peak("prepass")
-        self._phase("update")
-        first_epoch = [[position[p] for p in mb] for mb in plan]
-        with self._stop_if_not_finite("update", step + 1):
-            metrics.update(self.update(batch, seq_adv, step, first_epoch, inline=inline))
-        if cfg.algorithm.objective == "resrl":
+        seq_adv, found = after_prepass(algo, batch, seq_adv, world, keep_old=n_updates > 1)
+        metrics.update(found)
+        clock.start("update")
+        with stop_if_not_finite("update", step + 1):
+            metrics.update(self.update(batch, seq_adv, step, first_epoch, inline=inline, stage=stage))
+        if algo.objective == "resrl":
             metrics.update(stats.metrics(world))
-        self._check_finite(step + 1, metrics)
-        t3 = time.perf_counter()
-        peak("update")
-        self._phase("sync")
+        check_finite(step + 1, metrics, self.policy, world)
+        clock.start("sync")
         self.engine.wake_up()
-        self.engine.sync_weights(self.model)
-        t4 = time.perf_counter()
-        peak("sync")
-        metrics.update(peak.values)
-        tokens = metrics.pop("_tokens")
-        for name, seconds in (
-            ("rollout", t1 - t0),
-            ("prepass", t2 - t1),
-            ("update", t3 - t2),
-            ("sync", t4 - t3),
-        ):
-            timings[f"time/{name}_s"] = seconds
-            if name != "sync" and seconds > 0:
-                timings[f"throughput/{name}_tokens_per_s"] = tokens / seconds
-        metrics.update(timings)
-        metrics["time/step_s"] = t4 - t0
+        stage.sync()
+        metrics.update(clock.stop(tokens=metrics.pop("_tokens")))
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
         return mean_over_ranks(metrics, self.world)
 
     def _phase(self, name: str) -> None:
         """Show the phase running now on the progress bar."""
         if self._bar is not None:
-            self._bar.set_description_str(f"{self.cfg.algorithm.objective} {name}")
-
-    @contextlib.contextmanager
-    def _stop_if_not_finite(self, phase: str, step: int) -> Iterator[None]:
-        """One line naming the step and phase, instead of a traceback, when the numbers of a phase
-        stopped being finite: the gradient-norm check of `optimizer_step` (FloatingPointError,
-        "step N: ...") or the kernels' value checks (ValueError "... contains NaN or Inf")."""
-        hint = "lower optim.lr or check the data (no checkpoint was written after it)"
-        try:
-            yield
-        except FloatingPointError as e:
-            raise RunError(f"training stopped in the {phase} phase at {e}") from e
-        except ValueError as e:
-            if "NaN or Inf" not in str(e):
-                raise
-            raise RunError(f"training stopped in the {phase} phase at step {step}: {e}; {hint}") from e
-
-    def _check_finite(self, step: int, metrics: dict[str, float]) -> None:
-        """Stop before anything is saved when the update made the loss or the weights non-finite
-        (the gradient norm is checked before the optimizer step, in `optimizer_step`)."""
-        bad = [k for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)]
-        if bad:
-            raise RunError(
-                f"training stopped in the update phase at step {step}: {bad[0]} is {metrics[bad[0]]}; "
-                "lower optim.lr or check the data (no checkpoint was written after it)"
-            )
-        # This rank's shards, one host sync for all of them.
-        local = [
-            (n, p.to_local() if hasattr(p, "to_local") else p) for n, p in self.policy.named_parameters()
-        ]
-        with torch.no_grad():
-            finite = torch.stack([torch.isfinite(p).all() for _, p in local]).tolist()
-        first = next((n for (n, _), ok in zip(local, finite, strict=True) if not ok), None)
-        first = all_gather_objects(first, self.world)
-        first = next((n for n in first if n is not None), None)
-        if first is not None:
-            raise RunError(
-                f"training stopped in the update phase at step {step}: the parameters are not finite "
-                f"after the optimizer step (first: {first}); lower optim.lr (no checkpoint was "
-                "written after it)"
+            self._bar.set_description_str(
+                f"{self.cfg.algorithm.objective} {'pre-pass' if name == 'prepass' else name}"
             )
 
     def _permutation(self, n: int, step: int, epoch: int) -> list[int]:
@@ -335,8 +279,9 @@ class Trainer:
     # ------------------------------------------------------------------ phases
 
     def rollout(self, slots: list[int], step: int) -> RolloutBatch:
-        """Sample G responses for each prompt slot of this rank and score them."""
-        cfg, algo = self.cfg, self.cfg.algorithm
+        """Sample G responses for each prompt slot of this rank and score them (under R²PO, from
+        π_roll in both stages)."""
+        cfg = self.cfg
         params = SamplingParams(
             n=cfg.rollout.n,
             temperature=cfg.rollout.temperature,
@@ -344,6 +289,7 @@ class Trainer:
             max_new_tokens=cfg.rollout.max_new_tokens,
             # Each rank draws its own stream (one process: the step's stream).
             seed=_seed(cfg.run.seed, _ROLLOUT, step * self.world.size + self.world.rank),
+            rollout_head=self.policy_stage.sample_head,
         )
         prompts = [self.train_set.prompt_ids[i] for i in slots]
         if cfg.rollout.engine == "hf":
@@ -352,47 +298,10 @@ class Trainer:
                 samples = self.engine.generate(prompts, params)
         else:
             samples = self.engine.generate(prompts, params)
-        # The step's responses are scored together (identical answers once, verifier processes in
-        # parallel: resrl.rewards.verify_batch).
-        flat = [
-            (s, self.train_set.examples[slot].answer)
-            for slot, group in zip(slots, samples, strict=True)
-            for s in group
-        ]
-        scores = self.reward_fn(
-            [s.text for s, _ in flat],
-            [answer for _, answer in flat],
-            truncated=[s.truncated for s, _ in flat],
-            negative_reward=algo.negative_reward,
-        )
-        rewards, positive = [], []
-        for (s, _), r in zip(flat, scores, strict=True):
-            positive.append(r > 0)
-            if algo.length_reward:
-                r = length_scaled_reward(
-                    r,
-                    len(s.response_ids),
-                    l0=algo.length_l0,
-                    lmax=algo.length_lmax,
-                    scale=algo.length_scale,
-                )
-            rewards.append(r)
+        answers = [self.train_set.examples[slot].answer for slot in slots]
+        rewards, positive, classes = score_responses(samples, answers, self.reward_fn, cfg.algorithm)
         group_ids = [step * cfg.train.prompts_per_step + slot for slot in slots]
-        return RolloutBatch.from_samples(samples, rewards, positive, group_ids)
-
-    def _rollout_metrics(self, batch: RolloutBatch, n_prompts: int) -> dict[str, float]:
-        lengths = batch.response_lengths().float()
-        acc_G = batch.positive.float().view(n_prompts, -1).mean(1)
-        return {
-            "reward/mean": float(batch.rewards.mean()),
-            "reward/accuracy": float(batch.positive.float().mean()),
-            "reward/groups_all_correct": float((acc_G == 1).float().mean()),
-            "reward/groups_all_wrong": float((acc_G == 0).float().mean()),
-            "response/length_mean": float(lengths.mean()),
-            "response/length_max": float(lengths.max()),
-            "response/truncated_frac": float(batch.truncated.float().mean()),
-            "_tokens": float(sum(batch.length(i) for i in range(len(batch)))),
-        }
+        return RolloutBatch.from_samples(samples, rewards, positive, group_ids, reward_class=classes)
 
     def update(
         self,
@@ -402,12 +311,15 @@ class Trainer:
         first_epoch: list[list[int]] | None = None,
         *,
         inline: InlineWeights | None = None,
+        stage: Stage | None = None,
     ) -> dict[str, float]:
         """Optimizer steps over mini-batches of whole prompt groups; micro-batches accumulate.
 
         `first_epoch`: this rank's groups (positions in `batch`) for each mini-batch of the first
         epoch, as `_plan` balanced them; later epochs (and `None`) shuffle this rank's groups.
-        `inline`: ResRL weights formed in the update's forward (one on-policy optimizer step)."""
+        `inline`: ResRL weights formed in the update's forward (one on-policy optimizer step).
+        `stage`: what is trained (default: the policy)."""
+        stage = stage or self.policy_stage
         cfg = self.cfg
         g = cfg.rollout.n
         n_prompts = len(batch) // g
@@ -424,7 +336,21 @@ class Trainer:
                 mini_batches = [order[k : k + mbp] for k in range(0, n_prompts, mbp)]
             for groups in mini_batches:
                 idx = [slot * g + j for slot in groups for j in range(g)]
-                m = self._optimizer_step(batch, idx, seq_adv, first=n_steps == 0, inline=inline)
+                m = optimizer_step(
+                    self.policy,
+                    stage,
+                    batch,
+                    idx,
+                    seq_adv,
+                    cfg,
+                    world=self.world,
+                    device=self.device,
+                    pad_id=self.pad_id,
+                    first=n_steps == 0,
+                    # Numbered from 1, as in metrics.jsonl, for its error messages.
+                    step=self.step + 1,
+                    inline=inline,
+                )
                 n_steps += 1
                 for key, value in m.items():
                     totals[key] = totals.get(key, 0.0) + value
@@ -433,26 +359,6 @@ class Trainer:
             out["rollout/logprob_gap"] = totals["rollout/logprob_gap"]
         out["optim/steps"] = float(n_steps)
         return out
-
-    def _optimizer_step(
-        self, batch: RolloutBatch, idx: list[int], seq_adv: torch.Tensor, *, first: bool, inline=None
-    ):
-        return optimizer_step(
-            self.policy,
-            self.optimizer,
-            self.scheduler,
-            batch,
-            idx,
-            seq_adv,
-            self.cfg,
-            world=self.world,
-            device=self.device,
-            pad_id=self.pad_id,
-            first=first,
-            # Numbered from 1, as in metrics.jsonl, for its error messages.
-            step=self.step + 1,
-            inline=inline,
-        )
 
     # ------------------------------------------------------------------ around the loop
 
@@ -508,52 +414,18 @@ class Trainer:
 
     @property
     def _uses_reference(self) -> bool:
-        """A frozen copy of the starting policy is kept for the KL term and for ACE."""
-        return self.cfg.algorithm.kl_coef > 0 or self.cfg.algorithm.objective == "ace"
-
-    def _ace(
-        self, batch: RolloutBatch, seq_adv: torch.Tensor, metrics: dict[str, float], *, keep_old: bool
-    ) -> torch.Tensor:
-        """ACE's sequence advantages from the pre-pass log-probs (policy at the step's start and
-        reference); the old log-probs stay for the loss only when later updates are off-policy."""
-        old = batch.token_values["old_logprob"] if keep_old else batch.token_values.pop("old_logprob")
-        seq_lp = torch.stack([lp.sum() for lp in old])
-        seq_ref = torch.stack([lp.sum() for lp in batch.token_values["ref_logprob"]])
-        out, shift = ace_advantages(seq_adv, seq_lp, seq_ref, alpha=self.cfg.algorithm.ace_alpha)
-        neg = seq_adv < 0
-        sums = sum_over_ranks(
-            {
-                "n": float(neg.sum()),
-                "shift": float(shift[neg].sum()),
-                "scale": float((out / seq_adv)[neg].sum()),
-            },
-            self.world,
-        )
-        if sums["n"]:
-            metrics["ace/shift_mean_neg"] = sums["shift"] / sums["n"]
-            metrics["ace/scale_mean_neg"] = sums["scale"] / sums["n"]
-        return out
+        """A frozen copy of the starting policy is kept for the KL terms and for ACE."""
+        r = self.cfg.r2po
+        head_kl = r.enabled and r.head_kl_coef > 0 and r.head_kl_target == "reference"
+        return uses_reference(self.cfg.algorithm) or head_kl
 
     def _reference_model(self) -> Policy:
         """A frozen copy of the policy as RL starts (after any warm start), for the KL term: the
-        same architecture, sharded like the policy under FSDP2 (each rank holds its share), saved
-        in checkpoints beside the policy."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-        ref = Policy(
-            load_model(
-                self.cfg,
-                self.tokenizer,
-                self._load_device,
-                dtype=self._master_dtype,
-                compute_device=self.device,
-            )
+        same architecture, sharded like the policy under FSDP2, saved in checkpoints beside it."""
+        model = load_model(
+            self.cfg, self.tokenizer, self._load_device, dtype=self._master_dtype, compute_device=self.device
         )
-        if self.sharded:
-            shard(ref, **self._shard_kwargs)
-        ref.requires_grad_(False).eval()
-        set_model_state_dict(ref, get_model_state_dict(self.policy))
-        return ref
+        return frozen_copy(self.policy, Policy(model), self._shard_kwargs if self.sharded else None)
 
     def save(self) -> Path:
         meta = {
@@ -565,59 +437,58 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "world_size": self.world.size,
             "has_reference": self.ref_policy is not None,
+            "has_rollout_head": self.r2po is not None,
         }
+        if self.r2po is not None:
+            meta["head_scheduler"] = self.r2po.head_stage.scheduler.state_dict()
+        # Optimizers that have stepped (R²PO mid-round: one may not have yet); a resume restores
+        # those and leaves the others fresh, as they are in the uninterrupted run.
+        optimizers = {k: o for k, o in self._optimizers().items() if o.state}
+        meta["optimizers"] = list(optimizers)
         return checkpoint.save(
             self.run_dir,
             self.step,
             module=self.policy,
-            optimizer=self.optimizer,
+            optimizer=list(optimizers.values()),
             meta=meta,
             keep=self.cfg.run.keep_checkpoints,
             world=self.world,
             frozen=None if self.ref_policy is None else {"reference": self.ref_policy},
         )
 
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        heads = {} if self.r2po is None else {"head": self.r2po.head_stage.optimizer}
+        return {"policy": self.optimizer, **heads}
+
     def _load(self, path: Path) -> None:
+        meta = checkpoint.load_meta(path)
+        checkpoint.check_saved_with(meta, path, self.cfg, reference=self._uses_reference)
         frozen = None
         if self._uses_reference:
-            if not checkpoint.load_meta(path).get("has_reference"):
-                raise ConfigError(
-                    f"config algorithm.kl_coef={self.cfg.algorithm.kl_coef}, objective="
-                    f"{self.cfg.algorithm.objective}: the checkpoint {path} has no KL reference model "
-                    "(it was saved with kl_coef=0 and another objective than ace); resume with "
-                    "kl_coef=0 and that objective, or start a new run"
-                )
             self.ref_policy = self._reference_model()
             frozen = {"reference": self.ref_policy}
-        state = checkpoint.load(path, module=self.policy, optimizer=self.optimizer, frozen=frozen)
+        own = self._optimizers()
+        optimizers = [own[k] for k in meta.get("optimizers", ["policy"])]
+        state = checkpoint.load(path, module=self.policy, optimizer=optimizers, frozen=frozen)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
         self.history = state["history"]
         self.step = state["step"]
-        self._apply_optim_config()
+        o = self.cfg.optim
+        checkpoint.apply_optim_config(
+            self.optimizer, self.scheduler, o.lr, (o.beta1, o.beta2), o.weight_decay
+        )
         self.engine.sync_weights(self.model)
+        if self.r2po is not None:
+            self.r2po.head_stage.scheduler.load_state_dict(state["head_scheduler"])
+            self.engine.sync_head(self.policy.rollout_head)
         if self.world.is_main:
             print(f"resuming from step {self.step} ({path})", file=sys.stderr, flush=True)
         if self.config_changes:
-            record = {"step": self.step, "checkpoint": str(path), "changed": self.config_changes}
-            self.history.setdefault("config_changes", []).append(record)
-            if self.world.is_main:
-                with open(self.run_dir / "config_changes.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.config_changes.items())
-                warn(f"run.resume=force: continuing with {changed} (recorded in config_changes.jsonl)")
-
-    def _apply_optim_config(self) -> None:
-        """The optimizer's hyperparameters from this run's config, not the checkpoint's (which
-        loading restored): they equal unless run.resume=force changed them, and then config.json
-        must describe what runs. The schedule keeps its position and takes the new peak lr."""
-        o = self.cfg.optim
-        for group in self.optimizer.param_groups:
-            group.update(betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, initial_lr=o.lr)
-        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
-        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
-            group["lr"] = o.lr * factor(self.scheduler.last_epoch)
+            checkpoint.record_config_changes(
+                self.run_dir, self.history, self.step, path, self.config_changes, write=self.world.is_main
+            )
 
     def export(self, path: Path) -> None:
         """A Hugging Face folder of the current policy (see `checkpoint.export_hf`)."""

@@ -240,20 +240,19 @@ class InlineWeights:
 
 
 def plan_weights(
-    batch, cfg, *, need_old: bool, seed: int, stats: WeightStats
+    batch, algo: AlgorithmConfig, train, *, need_old: bool, seed: int, stats: WeightStats
 ) -> tuple[InlineWeights | None, set[int] | None]:
-    """Which path weighs each mixed group of this rank's `batch` (a `RolloutBatch`) for `cfg` (a
-    `Config`): (the update's `InlineWeights` or None, the groups the pre-pass weighs or None for
-    all). The update's forward takes the groups one of its micro-batches holds whole (the plan of
-    `RolloutBatch.group_micro_batches`, which `optimizer_step` follows), when the update is
-    on-policy (`need_old` false: the pre-pass runs for old log-probs anyway otherwise) and
-    `algorithm.resrl_weights` is auto."""
-    algo = cfg.algorithm
+    """Which path weighs each mixed group of this rank's `batch` (a `RolloutBatch`) for the loss
+    settings `algo` and micro-batching `train` (a `TrainConfig`): (the update's `InlineWeights` or
+    None, the groups the pre-pass weighs or None for all). The update's forward takes the groups
+    one of its micro-batches holds whole (the plan of `RolloutBatch.group_micro_batches`, which
+    `optimizer_step` follows), when the update is on-policy (`need_old` false: the pre-pass runs
+    for old log-probs anyway otherwise) and `algorithm.resrl_weights` is auto."""
     if algo.objective != "resrl" or need_old or algo.resrl_weights != "auto":
         return None, None
     positive, group = batch.positive.tolist(), batch.group.tolist()
     mixed = mixed_groups(positive, group)
-    budget = cfg.train.max_tokens_per_micro_batch if cfg.train.pack else 0
-    _, whole = batch.group_micro_batches(list(range(len(batch))), cfg.train.micro_batch_size, budget)
+    budget = train.max_tokens_per_micro_batch if train.pack else 0
+    _, whole = batch.group_micro_batches(list(range(len(batch))), train.micro_batch_size, budget)
     inline = InlineWeights(positive, group, mixed & whole, algo, seed, stats)
     return inline, mixed - whole

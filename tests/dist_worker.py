@@ -66,16 +66,21 @@ def main() -> None:
         trainer._load(resume)
     trainer.rollout = lambda slots, step: fixed_batch(trainer, slots)
     grads = {}
-    step = trainer.optimizer.step
 
-    def record_then_step():
-        # full_tensor() gathers a DTensor shard (collective: every rank calls it).
-        for name, p in trainer.policy.named_parameters():
-            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            grads[name] = g.detach().clone()
-        step()
+    def recording(step):
+        def record_then_step():
+            # full_tensor() gathers a DTensor shard (collective: every rank calls it).
+            for name, p in trainer.policy.named_parameters():
+                if p.grad is not None:
+                    g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                    grads[name] = g.detach().clone()
+            step()
 
-    trainer.optimizer.step = record_then_step
+        return record_then_step
+
+    # The policy's optimizer, and R²PO's head optimizer when there is one.
+    for optimizer in trainer._optimizers().values():
+        optimizer.step = recording(optimizer.step)
     metrics = trainer.train_step(trainer.step)
     trainer.step = 1 if resume is None else 2
     saved = trainer.save()

@@ -65,13 +65,19 @@ def runs(tmp_path_factory):
     run(2, out[2, "kl"], str(out[2, "kl"]), *KL)
     # ResRL weights inside the update's forward: micro-batches hold whole groups (2 of 4 each),
     # padded and packed; the pre-pass path of the same layout as the oracle.
-    for name, args in INLINE.items():
+    for name, args in {**INLINE, **R2PO}.items():
         for nproc in (1, 2) if name != "padded-prepass" else (1,):
             out[nproc, name] = root / f"{name}-{nproc}"
             run(nproc, out[nproc, name], str(out[nproc, name]), "algorithm.objective=resrl", *args)
     return out
 
 
+# R²PO: step 0 trains the head (stage A: only W1, W2 get gradients), or with head_steps=0 the
+# policy on π_roll's samples (stage B), the head a separate FSDP2 unit in both.
+R2PO = {
+    "r2po-head": ["r2po.enabled=true", "r2po.head_init_std=0.05", "r2po.head_kl_coef=0.1"],
+    "r2po-policy": ["r2po.enabled=true", "r2po.head_init_std=0.05", "r2po.head_steps=0"],
+}
 INLINE = {
     "padded": ["train.micro_batch_size=8"],
     "packed": ["train.pack=true", "train.max_tokens_per_micro_batch=120"],
@@ -134,6 +140,23 @@ def test_two_processes_match_one_with_weights_in_the_update(runs, layout):
     for key in ("resrl/neg_tokens", "resrl/neg_weight_mean", "resrl/distance_mean", "loss/pg"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-4), key
     assert_grads_close(g1, g2, rel=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["head", "policy"])
+def test_two_processes_match_one_r2po(runs, stage):
+    m1, g1, w1 = result(runs[1, f"r2po-{stage}"])
+    m2, g2, w2 = result(runs[2, f"r2po-{stage}"])
+    assert m1["r2po/stage"] == m2["r2po/stage"] == (0.0 if stage == "head" else 1.0)
+    trained = {n for n in g1 if n.startswith("rollout_head.")}
+    assert trained == (
+        {"rollout_head.layer1.weight", "rollout_head.layer2.weight"} if stage == "head" else set()
+    )
+    prefix = "head" if stage == "head" else "loss"
+    for key in (f"{prefix}/pg", "r2po/head_w2_norm", "r2po/rollout_kl"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-7), key
+    assert_grads_close(g1, g2, rel=1e-4)
+    # The exported folder holds the causal LM only, at any process count.
+    assert not [k for k in (*w1, *w2) if "rollout_head" in k]
 
 
 def test_weights_in_the_update_equal_the_prepass_path(runs):

@@ -121,9 +121,9 @@ def test_inline_weights_equal_the_prepass_weights(tmp_path, packed, layer):
         t = batch.collate(mb, 0, torch.device("cpu"), packed=packed)
         seen = {}
 
-        def capture(sub_hidden_MD, mb=mb, seen=seen):
+        def capture(sub_hidden, base_logprob=None, mb=mb, seen=seen):
             lengths = [len(batch.response_ids[i]) for i in mb]
-            seen["w"] = inline.weights(mb, sub_hidden_MD, lengths, None)
+            seen["w"] = inline.weights(mb, sub_hidden, lengths, None)
             raise Captured  # the loss is not needed here
 
         with torch.no_grad(), pytest.raises(Captured):
@@ -240,8 +240,11 @@ def test_off_policy_updates_keep_the_prepass(tmp_path):
 def test_plan_weights_only_for_on_policy_resrl(tmp_path):
     trainer = Trainer(small_cfg(tmp_path, "train.micro_batch_size=8"))
     batch = mixed_batch(trainer)
-    inline, rest = plan_weights(batch, trainer.cfg, need_old=False, seed=0, stats=WeightStats())
+    cfg = trainer.cfg
+    inline, rest = plan_weights(batch, cfg.algorithm, cfg.train, need_old=False, seed=0, stats=WeightStats())
     assert inline.groups == {0, 1, 2, 3} and rest == set()
-    assert plan_weights(batch, trainer.cfg, need_old=True, seed=0, stats=WeightStats()) == (None, None)
+    off = plan_weights(batch, cfg.algorithm, cfg.train, need_old=True, seed=0, stats=WeightStats())
+    assert off == (None, None)
     grpo = small_cfg(tmp_path, "algorithm.objective=grpo")
-    assert plan_weights(batch, grpo, need_old=False, seed=0, stats=WeightStats()) == (None, None)
+    plain = plan_weights(batch, grpo.algorithm, grpo.train, need_old=False, seed=0, stats=WeightStats())
+    assert plain == (None, None)

@@ -221,7 +221,7 @@ def test_update_gradient_and_loss_equal_the_all_rows_path(tmp_path, case, off_po
         {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
     )
     m = optimizer_step(
-        trainer.policy, trainer.optimizer, trainer.scheduler, batch, idx, seq_adv, cfg,
+        trainer.policy, trainer.policy_stage, batch, idx, seq_adv, cfg,
         world=trainer.world, device=torch.device("cpu"), pad_id=0, first=True, step=0,
     )  # fmt: skip
     if off_policy:

@@ -9,7 +9,7 @@ from resrl.rewards.registry import (
     get_reward,
     register_reward,
 )
-from resrl.rewards.shaping import length_scaled_reward
+from resrl.rewards.shaping import length_scaled_reward, score_responses
 from resrl.rewards.verify import (
     MAX_ANSWER_CHARS,
     BatchVerdicts,
@@ -29,6 +29,7 @@ __all__ = [
     "get_reward",
     "length_scaled_reward",
     "register_reward",
+    "score_responses",
     "shutdown_verifier",
     "verify_answer",
     "verify_batch",

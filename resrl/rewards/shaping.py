@@ -1,4 +1,4 @@
-"""ResRL's length-scaled positive reward (ALGORITHMS.md §1)."""
+"""ResRL's length-scaled positive reward (ALGORITHMS.md §1), and a step's responses scored with it."""
 
 from __future__ import annotations
 
@@ -26,3 +26,29 @@ def length_scaled_reward(
     if length <= lmax:
         return float(reward * (1.0 - (1.0 - scale) * (length - l0) / (lmax - l0)))
     return float(reward * scale)
+
+
+def score_responses(
+    samples, answers: list[str], reward_fn, algo
+) -> tuple[list[float], list[bool], list[float]]:
+    """A step's responses (`samples[p][j]`, `resrl.rollout.Sample`s of prompt p, ground truth
+    `answers[p]`) scored together by `reward_fn` (a batch reward: identical answers verified once,
+    verifier processes in parallel): (rewards, positive, reward before length scaling), flat.
+    `algo` (an AlgorithmConfig) gives the negative reward and the length scaling."""
+    flat = [(s, answer) for group, answer in zip(samples, answers, strict=True) for s in group]
+    scores = reward_fn(
+        [s.text for s, _ in flat],
+        [answer for _, answer in flat],
+        truncated=[s.truncated for s, _ in flat],
+        negative_reward=algo.negative_reward,
+    )
+    rewards, positive, classes = [], [], []
+    for (s, _), r in zip(flat, scores, strict=True):
+        positive.append(r > 0)
+        classes.append(r)
+        if algo.length_reward:
+            r = length_scaled_reward(
+                r, len(s.response_ids), l0=algo.length_l0, lmax=algo.length_lmax, scale=algo.length_scale
+            )
+        rewards.append(r)
+    return rewards, positive, classes

@@ -134,11 +134,14 @@ def build_engine(
     model_dir: str | None = None,
     max_model_len: int | None = None,
     seed: int = 0,
+    rollout_head: bool = False,
 ) -> RolloutEngine:
     """The rollout engine `name` sampling from `model` (`cfg`: the run's RolloutConfig).
 
     vllm needs `model_dir`, a Hugging Face folder of the policy to start from (weights are then
     streamed in by `sync_weights`), and `max_model_len` (prompt + response tokens).
+    `rollout_head`: R²PO will sample from π_roll (`sync_head`, `SamplingParams.rollout_head`);
+    vllm then serves π_roll's model class, hf needs nothing (it hooks the LM head per call).
     """
     if name == "hf":
         from resrl.rollout.hf import HFEngine
@@ -159,5 +162,6 @@ def build_engine(
             seed=seed,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             stop_ids=checkpoint_stop_ids(model),
+            rollout_head=rollout_head,
         )
     raise ValueError(f"rollout engine {name!r} is not available; accepted: {', '.join(ENGINES)}")

