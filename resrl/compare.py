@@ -28,8 +28,8 @@ VARIANTS: dict[str, list[str]] = {
     "ace": ["algorithm.objective=ace"],
     # R²PO (docs/ALGORITHMS.md §5) on GRPO: the same step budget, half of it training the rollout
     # head; with truncated IS against π_roll in stage B.
-    "r2po": ["algorithm.objective=grpo", "r2po.enabled=true", "r2po.head_lr=2e-3"],
-    "r2po-tis": ["algorithm.objective=grpo", "r2po.enabled=true", "r2po.head_lr=2e-3", "algorithm.tis_cap=2"],
+    "r2po": ["algorithm.objective=grpo", "r2po.enabled=true", "r2po.head_lr=1e-3"],
+    "r2po-tis": ["algorithm.objective=grpo", "r2po.enabled=true", "r2po.head_lr=1e-3", "algorithm.tis_cap=2"],
 }
 TABLE_KEYS = ("pass@1", "avg@", "maj@", "distinct_correct_solutions")
 

@@ -76,7 +76,7 @@ PRESETS["tiny-r2po"] = _on_top(
     "tiny",
     {
         "algorithm": {"objective": "grpo"},
-        "r2po": {"enabled": True, "head_steps": 1, "policy_steps": 1, "head_lr": 2e-3, "head_init_std": 1e-6},
+        "r2po": {"enabled": True, "head_steps": 1, "policy_steps": 1, "head_lr": 1e-3, "head_init_std": 1e-6},
         "run": {"name": "tiny-r2po"},
     },
 )
