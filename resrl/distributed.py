@@ -104,9 +104,11 @@ class Policy(nn.Module):
         return (self.forward_fn or forward_logprobs)(self.model, input_ids, attention_mask, **kwargs)
 
 
-def shard(policy: Policy, *, bf16: bool, offload: bool) -> Policy:
+def shard(policy: Policy, *, bf16: bool, offload: bool, device: torch.device) -> Policy:
     """FSDP2: `fully_shard` per decoder block, then the root. bf16 compute with fp32 gradient
-    reduction when `bf16`; parameters and optimizer state on CPU when `offload`."""
+    reduction when `bf16` (the sharded parameters, what AdamW steps, keep the dtype the model was
+    built in: fp32 master weights); parameters and optimizer state on CPU when `offload`. `device`
+    is where forwards run; the root is initialized there (`_init_root`)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs = {}
@@ -125,7 +127,23 @@ def shard(policy: Policy, *, bf16: bool, offload: bool) -> Policy:
         # on weights that start at 1e-6); its forward casts to the compute dtype.
         fully_shard(policy.rollout_head, **{k: v for k, v in kwargs.items() if k != "mp_policy"})
     fully_shard(policy, **kwargs)
+    _init_root(policy, device)
     return policy
+
+
+def _init_root(policy: Policy, device: torch.device) -> None:
+    """One forward of two tokens through the root, without gradients, then reshard.
+
+    FSDP2 makes the first unit whose forward runs the root of the tree. The hf engine generates
+    through `policy.model` (the decoder blocks' units run, the Policy root does not), and so does
+    nothing else until the first training forward: a run with no warm start (or a resumed one)
+    would make each decoder block its own root and then fail at the update ("FSDP state has
+    already been lazily initialized for model.model.layers.0"). Running the root first, here,
+    fixes the tree whatever runs next. Every rank calls it (it all-gathers)."""
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    with torch.no_grad():
+        policy(ids, torch.ones_like(ids))
+    policy.reshard()
 
 
 def frozen_copy(policy: Policy, copy: Policy, shard_kwargs: dict | None) -> Policy:

@@ -194,6 +194,14 @@ def attention_implementation(name: str, device: torch.device) -> str:
     return name
 
 
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype forwards run in for config `model.dtype` on `device` (auto: bf16 on CUDA, fp32
+    elsewhere). When it is 16-bit, the trainer keeps fp32 master weights (`resrl.trainer`)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def load_model(
     cfg: Config,
     tokenizer,
@@ -206,9 +214,7 @@ def load_model(
     differs from `device` when the weights are built on the CPU for FSDP2 offload."""
     m = cfg.model
     compute_device = compute_device or device
-    dtype = dtype or {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(m.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if compute_device.type == "cuda" else torch.float32
+    dtype = dtype or compute_dtype(m.dtype, compute_device)
     attn = attention_implementation(m.attn_implementation, compute_device)
     if m.path is None:
         from resrl.model import build_qwen3

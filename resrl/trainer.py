@@ -29,13 +29,13 @@ from resrl.distributed import (
     shard,
 )
 from resrl.guards import check_finite, stop_if_not_finite
-from resrl.loading import PromptSampler, load_model, load_task, resolve_device
+from resrl.loading import PromptSampler, compute_dtype, load_model, load_task, resolve_device
 from resrl.objectives import after_prepass, needs_old_logprobs, uses_reference
 from resrl.prepass import prepass
 from resrl.r2po import R2PO
 from resrl.ranks import check_world, gather_rollouts, mean_over_ranks, rank_share
 from resrl.rewards import get_batch_reward, score_responses
-from resrl.rollout import SamplingParams, build_engine
+from resrl.rollout import SamplingParams, build_engine, free_cached_memory
 from resrl.rollout_head import RolloutHead
 from resrl.sft import solution_ids, warm_start
 from resrl.tracker import PhaseClock, Tracker
@@ -73,19 +73,23 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        # FSDP2 with several processes, or in one process to offload parameters and optimizer state.
-        self.sharded = sharded = self.world.distributed or cfg.train.cpu_offload
+        # The policy is built in fp32: those are the weights AdamW steps (master weights). With
+        # 16-bit compute (model.dtype bfloat16, or auto on CUDA) forwards run on bf16 copies that
+        # FSDP2 gathers per unit, and gradients are reduced in fp32; stepping bf16 weights directly
+        # would round most updates away (lr 1e-6 against bf16's 2^-8 relative spacing). So FSDP2
+        # runs whenever compute is 16-bit, in one process too (a one-process group), as it does
+        # with several processes and for CPU offload.
+        self.compute_dtype = compute_dtype(cfg.model.dtype, self.device)
+        mixed = self.compute_dtype != torch.float32
+        self.sharded = sharded = self.world.distributed or cfg.train.cpu_offload or mixed
         if sharded and not self.world.distributed:
             init_single_group(self.device)
-        # Under FSDP2 on GPUs the sharded master weights stay fp32; compute runs in bf16.
-        mixed = sharded and self.device.type == "cuda" and cfg.model.dtype != "float32"
-        self._shard_kwargs = {"bf16": mixed, "offload": cfg.train.cpu_offload}
-        self._master_dtype = torch.float32 if mixed else None
+        self._shard_kwargs = {"bf16": mixed, "offload": cfg.train.cpu_offload, "device": self.device}
         # With CPU offload the model is built on the CPU and fully_shard moves only what belongs on
         # the device, so the whole fp32 model never sits on the GPU.
         self._load_device = torch.device("cpu") if cfg.train.cpu_offload else self.device
         self.model = load_model(
-            cfg, self.tokenizer, self._load_device, dtype=self._master_dtype, compute_device=self.device
+            cfg, self.tokenizer, self._load_device, dtype=torch.float32, compute_device=self.device
         )
         head = None
         if cfg.r2po.enabled:
@@ -124,6 +128,7 @@ class Trainer:
             max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
             seed=cfg.run.seed,
             rollout_head=head is not None,
+            dtype=self.compute_dtype,
         )
         # What a step trains: the policy, or (R²PO) the policy and the rollout head in turn.
         self.policy_stage = Stage.policy(
@@ -259,11 +264,20 @@ class Trainer:
             metrics.update(stats.metrics(world))
         check_finite(step + 1, metrics, self.policy, world)
         clock.start("sync")
-        self.engine.wake_up()
-        stage.sync()
+        self._sync_engine(stage)
         metrics.update(clock.stop(tokens=metrics.pop("_tokens")))
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
         return mean_over_ranks(metrics, self.world)
+
+    def _sync_engine(self, stage: Stage) -> None:
+        """The engine takes the updated weights. The allocator's cached blocks (the update's
+        peak) are returned first, then the engine's weights wake and take the new values, and only
+        then does its KV cache come back (with the prefix cache emptied): weights, KV cache and
+        the update's leftovers are never on the device at once."""
+        free_cached_memory(self.device)
+        self.engine.wake_up(("weights",))
+        stage.sync()
+        self.engine.wake_up(("kv_cache",))
 
     def _phase(self, name: str) -> None:
         """Show the phase running now on the progress bar."""
@@ -422,8 +436,9 @@ class Trainer:
     def _reference_model(self) -> Policy:
         """A frozen copy of the policy as RL starts (after any warm start), for the KL term: the
         same architecture, sharded like the policy under FSDP2, saved in checkpoints beside it."""
+        # Never stepped: held in the compute dtype, no master copy.
         model = load_model(
-            self.cfg, self.tokenizer, self._load_device, dtype=self._master_dtype, compute_device=self.device
+            self.cfg, self.tokenizer, self._load_device, dtype=self.compute_dtype, compute_device=self.device
         )
         return frozen_copy(self.policy, Policy(model), self._shard_kwargs if self.sharded else None)
 
@@ -492,7 +507,9 @@ class Trainer:
 
     def export(self, path: Path) -> None:
         """A Hugging Face folder of the current policy (see `checkpoint.export_hf`)."""
-        checkpoint.export_hf(path, self.policy, self.tokenizer, sharded=self.sharded, world=self.world)
+        checkpoint.export_hf(
+            path, self.policy, self.tokenizer, sharded=self.sharded, world=self.world, dtype=self.compute_dtype
+        )
 
     def write_summary(self) -> dict[str, Any]:
         h = self.history

@@ -262,29 +262,6 @@ def test_cpu_offload_in_one_process_trains_like_the_plain_run(tmp_path):
         torch.testing.assert_close(plain[name], offloaded[name], atol=1e-5, rtol=1e-4)
 
 
-def test_engine_sleeps_through_the_update_and_wakes_before_the_sync(tmp_path):
-    """The colocated engine's memory is free while the trainer updates (sleep mode on GPUs):
-    generate, sleep, (pre-pass and update), wake_up, sync_weights, every step."""
-    trainer = Trainer(small_cfg(tmp_path, "eval.before=false"))
-    calls = []
-    engine = trainer.engine
-
-    class Recorder:
-        def __getattr__(self, name):
-            method = getattr(engine, name)
-
-            def record(*args, **kwargs):
-                calls.append(name)
-                return method(*args, **kwargs)
-
-            return record
-
-    trainer.engine = Recorder()
-    trainer.train_step(0)
-    trainer.train_step(1)
-    assert calls == ["generate", "sleep", "wake_up", "sync_weights"] * 2
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("offload", [False, True])
 def test_gpu_training_steps(tmp_path, offload):

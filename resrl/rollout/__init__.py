@@ -6,6 +6,7 @@ Every engine implements `RolloutEngine`; the trainer and the evaluator only use 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -85,8 +86,9 @@ class RolloutEngine(Protocol):
         updates; `generate` and `sync_weights` need `wake_up` first. A no-op where nothing is held."""
         ...
 
-    def wake_up(self) -> None:
-        """Undo `sleep`."""
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Undo `sleep` for `tags` ("weights", "kv_cache"; None: both). Waking the KV cache empties
+        the prefix cache: its blocks were computed with the weights from before the update."""
         ...
 
     def close(self) -> None:
@@ -125,6 +127,13 @@ def first_stop(tokens: list[int], stop_ids: tuple[int, ...]) -> int:
     return 0
 
 
+def free_cached_memory(device: torch.device) -> None:
+    """Return the caching allocator's unused blocks to the device (CUDA), e.g. the update's peak
+    before the engine wakes; a no-op elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def build_engine(
     name: str,
     model: torch.nn.Module,
@@ -135,6 +144,7 @@ def build_engine(
     max_model_len: int | None = None,
     seed: int = 0,
     rollout_head: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> RolloutEngine:
     """The rollout engine `name` sampling from `model` (`cfg`: the run's RolloutConfig).
 
@@ -142,6 +152,8 @@ def build_engine(
     streamed in by `sync_weights`), and `max_model_len` (prompt + response tokens).
     `rollout_head`: R²PO will sample from π_roll (`sync_head`, `SamplingParams.rollout_head`);
     vllm then serves π_roll's model class, hf needs nothing (it hooks the LM head per call).
+    `dtype`: what vllm serves in (default: `model`'s parameters'; the trainer passes its compute
+    dtype, since its parameters are fp32 master weights); hf generates with `model` as gathered.
     """
     if name == "hf":
         from resrl.rollout.hf import HFEngine
@@ -163,5 +175,6 @@ def build_engine(
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             stop_ids=checkpoint_stop_ids(model),
             rollout_head=rollout_head,
+            dtype=dtype,
         )
     raise ValueError(f"rollout engine {name!r} is not available; accepted: {', '.join(ENGINES)}")

@@ -132,7 +132,7 @@ class HFEngine:
     def sleep(self) -> None:
         """Nothing to free: the engine owns no memory besides the policy's."""
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Nothing to restore (see `sleep`)."""
 
     def close(self) -> None:

