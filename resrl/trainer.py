@@ -508,7 +508,12 @@ class Trainer:
     def export(self, path: Path) -> None:
         """A Hugging Face folder of the current policy (see `checkpoint.export_hf`)."""
         checkpoint.export_hf(
-            path, self.policy, self.tokenizer, sharded=self.sharded, world=self.world, dtype=self.compute_dtype
+            path,
+            self.policy,
+            self.tokenizer,
+            sharded=self.sharded,
+            world=self.world,
+            dtype=self.compute_dtype,
         )
 
     def write_summary(self) -> dict[str, Any]:

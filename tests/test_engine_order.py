@@ -39,7 +39,9 @@ def test_trainer_frees_cache_wakes_weights_syncs_then_wakes_kv_cache(tmp_path, m
 
             return record
 
-    monkeypatch.setattr(trainer_module, "free_cached_memory", lambda device: calls.append("free_cached_memory"))
+    monkeypatch.setattr(
+        trainer_module, "free_cached_memory", lambda device: calls.append("free_cached_memory")
+    )
     trainer.engine = Recorder()
     trainer.train_step(0)
     trainer.train_step(1)
