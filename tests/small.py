@@ -1,4 +1,8 @@
-"""The very small run configuration shared by the trainer-level tests (seconds on a CPU)."""
+"""The very small run configuration shared by the trainer-level tests (seconds on a CPU).
+
+SMALL_RUN pins `run.device=cpu`: the tests' tolerances are fp32 CPU numerics, and with the default
+`auto` a CUDA machine would run them in bf16. A GPU test overrides it after (`run.device=cuda`).
+"""
 
 SMALL_MODEL = [
     "model.hidden_size=64",
@@ -21,4 +25,5 @@ SMALL_RUN = [
     "eval.n=2",
     "run.tensorboard=false",
     "run.progress=false",
+    "run.device=cpu",
 ]

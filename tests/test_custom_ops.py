@@ -1,4 +1,7 @@
-"""The kernels as torch custom ops: opcheck on each, and torch.compile through the trainer's forward."""
+"""The kernels as torch custom ops: opcheck on each, and torch.compile through the trainer's forward.
+
+The opchecks run on the `device` of their `impl` (tests/conftest.py: the Triton path on CUDA, or
+under the interpreter on the CPU)."""
 
 from __future__ import annotations
 
@@ -12,37 +15,29 @@ from resrl.distributed import Policy
 from resrl.model import build_qwen3
 from tests.small import SMALL_MODEL
 
-IMPLS = ["torch", "triton"]
 
-
-@pytest.fixture(params=IMPLS)
-def impl(request, monkeypatch):
-    monkeypatch.setenv("RESRL_KERNEL_IMPL", request.param)
-    return request.param
-
-
-def lm_head_inputs(n=13, d=32, v=37, seed=0):
+def lm_head_inputs(n=13, d=32, v=37, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, d, generator=g).requires_grad_()
-    weight = (torch.randn(v, d, generator=g) * 0.3).requires_grad_()
-    return hidden, weight, torch.randint(0, v, (n,), generator=g)
+    hidden = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(v, d, generator=g) * 0.3).to(device).requires_grad_()
+    return hidden, weight, torch.randint(0, v, (n,), generator=g).to(device)
 
 
 @pytest.mark.parametrize("return_entropy", [False, True], ids=["logprob", "logprob+entropy"])
-def test_opcheck_linear_logprob(impl, return_entropy):
-    hidden, weight, target = lm_head_inputs()
+def test_opcheck_linear_logprob(impl, device, return_entropy):
+    hidden, weight, target = lm_head_inputs(device=device)
     torch.library.opcheck(linear_logprob_op, (hidden, weight, target, 0.8, return_entropy, impl))
 
 
 @pytest.mark.parametrize(
     "needs", [(True, True), (True, False), (False, True)], ids=["both", "hidden", "weight"]
 )
-def test_opcheck_linear_logprob_backward(impl, needs):
-    hidden, weight, target = lm_head_inputs()
+def test_opcheck_linear_logprob_backward(impl, device, needs):
+    hidden, weight, target = lm_head_inputs(device=device)
     hidden, weight = hidden.detach(), weight.detach()
     _, lse, ent = linear_logprob_op(hidden, weight, target, 0.8, True, impl)
     g = torch.Generator().manual_seed(1)
-    grad_lp, grad_ent = torch.randn(13, generator=g), torch.randn(13, generator=g)
+    grad_lp, grad_ent = (torch.randn(13, generator=g).to(device) for _ in range(2))
     torch.library.opcheck(
         linear_logprob_backward_op, (hidden, weight, target, lse, ent, grad_lp, grad_ent, 0.8, *needs, impl)
     )
@@ -51,18 +46,18 @@ def test_opcheck_linear_logprob_backward(impl, needs):
     )
 
 
-def two_part_inputs(n=13, d=32, d2=19, v=37, seed=5):
+def two_part_inputs(n=13, d=32, d2=19, v=37, seed=5, device="cpu"):
     """lm_head_inputs plus a second part hidden2 [N, D2], weight2 [V, D2] (D2 != D)."""
-    hidden, weight, target = lm_head_inputs(n, d, v, seed)
+    hidden, weight, target = lm_head_inputs(n, d, v, seed, device)
     g = torch.Generator().manual_seed(seed + 1)
-    hidden2 = torch.relu(torch.randn(n, d2, generator=g)).requires_grad_()
-    weight2 = (torch.randn(v, d2, generator=g) * 0.3).requires_grad_()
+    hidden2 = torch.relu(torch.randn(n, d2, generator=g)).to(device).requires_grad_()
+    weight2 = (torch.randn(v, d2, generator=g) * 0.3).to(device).requires_grad_()
     return hidden, weight, target, hidden2, weight2
 
 
 @pytest.mark.parametrize("return_entropy", [False, True], ids=["logprob", "logprob+entropy"])
-def test_opcheck_linear_logprob_two_part(impl, return_entropy):
-    hidden, weight, target, hidden2, weight2 = two_part_inputs()
+def test_opcheck_linear_logprob_two_part(impl, device, return_entropy):
+    hidden, weight, target, hidden2, weight2 = two_part_inputs(device=device)
     torch.library.opcheck(
         linear_logprob_op, (hidden, weight, target, 0.8, return_entropy, impl, hidden2, weight2)
     )
@@ -78,11 +73,11 @@ TWO_PART_NEEDS = {
 
 
 @pytest.mark.parametrize("needs", list(TWO_PART_NEEDS.values()), ids=list(TWO_PART_NEEDS))
-def test_opcheck_linear_logprob_backward_two_part(impl, needs):
-    hidden, weight, target, hidden2, weight2 = (t.detach() for t in two_part_inputs())
+def test_opcheck_linear_logprob_backward_two_part(impl, device, needs):
+    hidden, weight, target, hidden2, weight2 = (t.detach() for t in two_part_inputs(device=device))
     _, lse, ent = linear_logprob_op(hidden, weight, target, 0.8, True, impl, hidden2, weight2)
     g = torch.Generator().manual_seed(1)
-    grad_lp, grad_ent = torch.randn(13, generator=g), torch.randn(13, generator=g)
+    grad_lp, grad_ent = (torch.randn(13, generator=g).to(device) for _ in range(2))
     need_h, need_w, need_h2, need_w2 = needs
     for grad_entropy in (grad_ent, None):
         args = (hidden, weight, target, lse, ent, grad_lp, grad_entropy, 0.8, need_h, need_w, impl,
@@ -95,25 +90,25 @@ def test_opcheck_linear_logprob_backward_two_part(impl, needs):
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["one_group", "groups"])
-def test_opcheck_subspace_residual(impl, grouped):
+def test_opcheck_subspace_residual(impl, device, grouped):
     g = torch.Generator().manual_seed(2)
     n, d, groups, k = 21, 40, 3, 5
-    basis = torch.linalg.qr(torch.randn(groups, d, k, generator=g)).Q
-    mean = torch.randn(groups, d, generator=g)
-    hidden = torch.randn(n, d, generator=g)
+    basis = torch.linalg.qr(torch.randn(groups, d, k, generator=g)).Q.to(device)
+    mean = torch.randn(groups, d, generator=g).to(device)
+    hidden = torch.randn(n, d, generator=g).to(device)
     if grouped:
-        args = (hidden, basis, mean, torch.randint(0, groups, (n,), generator=g), impl)
+        args = (hidden, basis, mean, torch.randint(0, groups, (n,), generator=g).to(device), impl)
     else:
         args = (hidden, basis[:1].contiguous(), mean[:1].contiguous(), None, impl)
     torch.library.opcheck(subspace_residual_op, args)
 
 
-def test_opcheck_residual_weights(impl):
+def test_opcheck_residual_weights(impl, device):
     g = torch.Generator().manual_seed(3)
     n = 30
-    dist = torch.rand(n, generator=g)
-    group = torch.randint(0, 4, (n,), generator=g)
-    valid = torch.rand(n, generator=g) > 0.2
+    dist = torch.rand(n, generator=g).to(device)
+    group = torch.randint(0, 4, (n,), generator=g).to(device)
+    valid = (torch.rand(n, generator=g) > 0.2).to(device)
     torch.library.opcheck(residual_weights_op, (dist, group, valid, 0.2, 0.8, 0.1, impl))
 
 

@@ -2,7 +2,8 @@
 loss) and against `linear_logprob` + the loss through autograd: the loss, the detached log-probs
 and entropies, and both gradients, with the trainer's own per-token loss (`PolicyTokenLoss`) in
 every aggregation mode, clipping and dual clip active, KL and entropy terms, truncated IS, chunk
-boundaries inside a sequence, N = 1, and the Triton path under the interpreter."""
+boundaries inside a sequence, N = 1, and the Triton path (on CUDA, or under the interpreter on the CPU:
+the `device` fixture of tests/conftest.py)."""
 
 import pytest
 import torch
@@ -12,29 +13,36 @@ import kernels.fused_loss as fused_loss
 from kernels.fused_loss import linear_logprob_loss_reference
 from resrl.algorithms import AGG_MODES, PolicyTokenLoss, aggregation_weights, policy_loss
 
-# fp32 kernel against a float64 oracle; stated once.
+# fp32 kernel against a float64 oracle; stated once (fp32 dots are IEEE on CUDA too).
 TOL = dict(atol=2e-5, rtol=2e-5)
+# bf16 inputs against a float64 oracle on the same rounded inputs, relative to the largest
+# magnitude (as for `linear_logprob`, whose kernels the Triton path runs, tests/test_linear_logprob.py).
+BF16_REL_TOL = 2e-2
 
 
-def problem(lengths, d=24, v=77, seed=0, off_policy=True, with_ref=True, agg="token-mean", **loss_kw):
-    """Hidden states, LM head, targets and a PolicyTokenLoss over sequences of `lengths` tokens."""
+def problem(
+    lengths, d=24, v=77, seed=0, off_policy=True, with_ref=True, agg="token-mean", device="cpu",
+    w_scale=0.5, **loss_kw,
+):  # fmt: skip
+    """Hidden states, LM head, targets and a PolicyTokenLoss over sequences of `lengths` tokens, on
+    `device` (drawn on the CPU: the same values on every device)."""
     gen = torch.Generator().manual_seed(seed)
     m = sum(lengths)
-    hidden = torch.randn(m, d, generator=gen)
-    weight = torch.randn(v, d, generator=gen) * 0.5
-    target = torch.randint(0, v, (m,), generator=gen)
+    hidden = torch.randn(m, d, generator=gen).to(device)
+    weight = (torch.randn(v, d, generator=gen) * w_scale).to(device)
+    target = torch.randint(0, v, (m,), generator=gen).to(device)
     b, t = len(lengths), max(lengths)
-    mask_BT = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+    mask_BT = torch.arange(t, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
     seq_adv = torch.linspace(-1.5, 1.0, b) if b > 1 else torch.tensor([-1.2])
-    adv_BT = torch.where(mask_BT, seq_adv[:, None], 0.0)
+    adv_BT = torch.where(mask_BT, seq_adv.to(device)[:, None], 0.0)
     # Global divisors larger than this batch, as in one micro-batch of a mini-batch.
     weight_BT = aggregation_weights(mask_BT, agg, m + 7.0, b + 2.0, float(t + 3))
     with torch.no_grad():
         lp_now, _ = kernels.linear_logprob(hidden, weight, target)
     # Stale log-probs far enough off for both clip branches and the dual clip to be active.
-    old = lp_now + 1.5 * torch.randn(m, generator=gen) if off_policy else None
-    ref = lp_now + 0.3 * torch.randn(m, generator=gen) if with_ref else None
-    sample = lp_now + 0.5 * torch.randn(m, generator=gen)
+    old = lp_now + 1.5 * torch.randn(m, generator=gen).to(device) if off_policy else None
+    ref = lp_now + 0.3 * torch.randn(m, generator=gen).to(device) if with_ref else None
+    sample = lp_now + 0.5 * torch.randn(m, generator=gen).to(device)
     token_loss = PolicyTokenLoss(
         adv_BT[mask_BT],
         weight_BT[mask_BT],
@@ -152,25 +160,23 @@ def test_equals_linear_logprob_then_the_loss(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_one_token(impl, monkeypatch):
-    monkeypatch.setenv("RESRL_KERNEL_IMPL", impl)
-    hidden, weight, target, token_loss, _ = problem([1], v=33, kl_coef=0.2, entropy_coef=0.1)
+def test_one_token(impl, device):
+    hidden, weight, target, token_loss, _ = problem([1], v=33, device=device, kl_coef=0.2, entropy_coef=0.1)
     assert_matches_reference(hidden, weight, target, token_loss)
 
 
+@pytest.mark.parametrize("impl", ["triton"], indirect=True)
 @pytest.mark.parametrize("case", ["clip-and-dual-clip", "kl-k3-entropy", "tis"])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_triton_path_matches_the_reference(case, agg, monkeypatch):
-    monkeypatch.setenv("RESRL_KERNEL_IMPL", "triton")
-    hidden, weight, target, token_loss, _ = problem([5, 12, 3], d=40, v=70, agg=agg, **CASES[case])
+def test_triton_path_matches_the_reference(impl, device, case, agg):
+    hidden, weight, target, token_loss, _ = problem(
+        [5, 12, 3], d=40, v=70, agg=agg, device=device, **CASES[case]
+    )
     assert_matches_reference(hidden, weight, target, token_loss, temperature=0.9)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_without_entropy_the_token_loss_gets_none(impl, monkeypatch):
-    monkeypatch.setenv("RESRL_KERNEL_IMPL", impl)
-    hidden, weight, target, token_loss, _ = problem([4, 6], v=40)
+def test_without_entropy_the_token_loss_gets_none(impl, device):
+    hidden, weight, target, token_loss, _ = problem([4, 6], v=40, device=device)
     seen = []
 
     def spy(lp, ent, rows):
@@ -270,3 +276,30 @@ def test_chunk_rows_follow_the_workspace_budget(monkeypatch):
     monkeypatch.setenv("RESRL_WORKSPACE_MB", "0")
     with pytest.raises(ValueError, match="RESRL_WORKSPACE_MB='0' must be a positive number of MiB"):
         fused_loss.chunk_rows(10, 10)
+
+
+# ---- GPU only -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["clip-and-dual-clip", "kl-k3-entropy"])
+def test_gpu_bf16_matches_the_float64_reference(case, monkeypatch):
+    """bf16 on CUDA (the Triton path): loss, log-probs, entropies and both gradients against the
+    float64 reference on the same rounded inputs. N = 2234 tokens (no multiple of the 128-token
+    block) in sequences of 700, 1200, 333 and 1; V no power of two."""
+    monkeypatch.setenv("RESRL_KERNEL_IMPL", "triton")
+    d, v = 512, 50257
+    hidden, weight, target, token_loss, _ = problem(
+        [700, 1200, 333, 1], d=d, v=v, agg="seq-mean-token-mean", device="cuda", w_scale=2 * d**-0.5,
+        **CASES[case],
+    )  # fmt: skip
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    kw = dict(temperature=0.9, with_entropy=True)
+    got = run(kernels.linear_logprob_loss, hidden, weight, target, token_loss, dtype=torch.bfloat16, **kw)
+    want = run(linear_logprob_loss_reference, hidden, weight, target, token_loss, dtype=torch.float64, **kw)
+    assert got[3].dtype == got[4].dtype == torch.bfloat16 and got[3].device.type == "cuda"
+    names = ("loss", "logprob", "entropy", "grad_hidden", "grad_weight")
+    for name, a, b in zip(names, got, want, strict=True):
+        assert torch.isfinite(a).all(), name
+        err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+        assert err < BF16_REL_TOL, f"{name}: rel err {err:.2e}"

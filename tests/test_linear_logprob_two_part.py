@@ -1,10 +1,11 @@
 """linear_logprob with a second part (hidden2 [N, D2], weight2 [V, D2]) against the concatenated form.
 
 The oracle is the one-part float64 reference on cat([h, h2], -1) and cat([W, W2], -1)
-(`kernels.reference.linear_logprob_two_part_reference`). Both paths, the Triton one under the
-interpreter at small shapes: outputs and all four gradients, every needs-grad combination (with
-the GEMMs that ran recorded), a zero head equal bitwise to the one-part call, and the memory
-property (nothing of N·V elements, no [V, D+D2] or [N, D+D2] concatenation).
+(`kernels.reference.linear_logprob_two_part_reference`). Both paths at small shapes, each on the
+`device` of its `impl` (tests/conftest.py: the Triton one on CUDA, or under the interpreter on the
+CPU): outputs and all four gradients, every needs-grad combination (with the GEMMs that ran
+recorded), a zero head equal bitwise to the one-part call, and the memory property (nothing of N·V
+elements, no [V, D+D2] or [N, D+D2] concatenation).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from kernels.linear_logprob import linear_logprob_backward_op, linear_logprob_op
 from kernels.reference import linear_logprob_two_part_reference
 
 IMPLS = ["torch", "triton"]
-# Relative (to the max magnitude) error allowed against float64 on the same rounded inputs, as
-# for the one-part form (tests/test_linear_logprob.py).
+# Relative (to the max magnitude) error allowed against float64 on the same rounded inputs, on
+# every device, as for the one-part form (tests/test_linear_logprob.py).
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 NAMES = ("hidden", "weight", "hidden2", "weight2")
 
@@ -35,28 +36,23 @@ SHAPES = {
 }
 
 
-@pytest.fixture(params=IMPLS)
-def impl(request, monkeypatch):
-    monkeypatch.setenv("RESRL_KERNEL_IMPL", request.param)
-    return request.param
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
-def make_inputs(n, d, d2, v, dtype, seed=0):
-    """(hidden, weight, hidden2, weight2, target); the head part at the trunk's logit scale."""
+def make_inputs(n, d, d2, v, dtype, seed=0, device="cpu"):
+    """(hidden, weight, hidden2, weight2, target); the head part at the trunk's logit scale. Drawn
+    on the CPU (the same values on every device), then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, generator=g).to(dtype)
     weight = (torch.randn(v, d, generator=g) * d**-0.5 * 2).to(dtype)
     hidden2 = torch.relu(torch.randn(n, d2, generator=g)).to(dtype)
     weight2 = (torch.randn(v, d2, generator=g) * d2**-0.5 * 2).to(dtype)
     target = torch.randint(0, v, (n,), generator=g)
-    return hidden, weight, hidden2, weight2, target
+    return tuple(x.to(device) for x in (hidden, weight, hidden2, weight2, target))
 
 
-def coefficients(n, seed=1):
+def coefficients(n, seed=1, device="cpu"):
     """Upstream gradients with zeros and negatives, as advantages and ResRL weights produce.
 
     Every third entry from the second on is zero, so a single token keeps a nonzero coefficient
@@ -65,7 +61,7 @@ def coefficients(n, seed=1):
     coef = torch.randn(n, generator=g, dtype=torch.float64)
     coef[1::3] = 0.0
     assert n < 3 or ((coef < 0).any() and (coef > 0).any())
-    return coef
+    return coef.to(device)
 
 
 def run_kernel(inputs, target, temperature, return_entropy, coef_lp, coef_ent, needs=(True,) * 4):
@@ -110,13 +106,13 @@ def assert_close_to_reference(got, want, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("return_entropy", [False, True], ids=["logprob", "logprob+entropy"])
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-def test_matches_concatenated_reference(impl, shape, return_entropy, dtype):
+def test_matches_concatenated_reference(impl, device, shape, return_entropy, dtype):
     n, d, d2, v = SHAPES[shape]
-    *inputs, target = make_inputs(n, d, d2, v, dtype)
-    coef_lp, coef_ent = coefficients(n), coefficients(n, 2)
+    *inputs, target = make_inputs(n, d, d2, v, dtype, device=device)
+    coef_lp, coef_ent = coefficients(n, device=device), coefficients(n, 2, device=device)
     got = run_kernel(inputs, target, 1.0, return_entropy, coef_lp, coef_ent)
     want = run_reference(inputs, target, 1.0, return_entropy, coef_lp, coef_ent)
-    assert got[0].dtype == torch.float32 and got[0].shape == (n,)
+    assert got[0].dtype == torch.float32 and got[0].shape == (n,) and got[0].device == target.device
     assert (got[1] is None) == (not return_entropy)
     for x, grad in zip(inputs, got[2], strict=True):
         assert grad.dtype == dtype and grad.shape == x.shape
@@ -124,9 +120,9 @@ def test_matches_concatenated_reference(impl, shape, return_entropy, dtype):
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.3])
-def test_temperature_in_forward_and_backward(impl, temperature):
-    *inputs, target = make_inputs(29, 24, 19, 97, torch.float32, seed=3)
-    coef_lp, coef_ent = coefficients(29), coefficients(29, 4)
+def test_temperature_in_forward_and_backward(impl, device, temperature):
+    *inputs, target = make_inputs(29, 24, 19, 97, torch.float32, seed=3, device=device)
+    coef_lp, coef_ent = coefficients(29, device=device), coefficients(29, 4, device=device)
     got = run_kernel(inputs, target, temperature, True, coef_lp, coef_ent)
     want = run_reference(inputs, target, temperature, True, coef_lp, coef_ent)
     assert_close_to_reference(got, want, torch.float32)
@@ -135,15 +131,16 @@ def test_temperature_in_forward_and_backward(impl, temperature):
     assert rel_err(other[0], want[0]) > 1e-3
 
 
-def test_entropy_only_gradient(impl):
+def test_entropy_only_gradient(impl, device):
     """The log-prob output unused: its upstream gradient arrives as None."""
-    *inputs, target = make_inputs(21, 16, 24, 77, torch.float32, seed=5)
+    *inputs, target = make_inputs(21, 16, 24, 77, torch.float32, seed=5, device=device)
+    coef = coefficients(21, 6, device=device)
     xs = [x.clone().requires_grad_() for x in inputs]
     _, ent = linear_logprob(xs[0], xs[1], target, return_entropy=True, hidden2=xs[2], weight2=xs[3])
-    (ent * coefficients(21, 6).float()).sum().backward()
+    (ent * coef.float()).sum().backward()
     x64 = [x.double().requires_grad_() for x in inputs]
     _, ent64 = linear_logprob_two_part_reference(*x64, target, return_entropy=True)
-    (ent64 * coefficients(21, 6)).sum().backward()
+    (ent64 * coef).sum().backward()
     for name, x, y in zip(NAMES, xs, x64, strict=True):
         assert rel_err(x.grad, y.grad) < TOL[torch.float32], name
 
@@ -198,15 +195,15 @@ COMBOS = list(itertools.product([False, True], repeat=4))
 @pytest.mark.parametrize(
     "needs", COMBOS, ids=["".join("1" if x else "0" for x in c) + "_hWh2W2" for c in COMBOS]
 )
-def test_every_needs_grad_combination(impl, needs):
+def test_every_needs_grad_combination(impl, device, needs):
     """Each tensor gets a gradient iff it requires one, equal to the reference's, and only the
     products of the gradients asked for run: with N, D, D2, V all distinct, grad_hidden is the only
     [N, D] product, grad_weight the only [V, D], grad_hidden2 [N, D2], grad_weight2 [V, D2] (the
     logits are [N, V]; one token chunk and one vocabulary chunk at these sizes). R²PO's stage A is
     needs = (False, False, True, True): no GEMM of the trunk's or the LM head's gradient."""
     n, d, d2, v = 13, 24, 40, 53
-    *inputs, target = make_inputs(n, d, d2, v, torch.float32, seed=7)
-    coef_lp, coef_ent = coefficients(n), coefficients(n, 8)
+    *inputs, target = make_inputs(n, d, d2, v, torch.float32, seed=7, device=device)
+    coef_lp, coef_ent = coefficients(n, device=device), coefficients(n, 8, device=device)
     with _MatmulRecorder() as rec:
         got = run_kernel(inputs, target, 0.9, True, coef_lp, coef_ent, needs)
     want = run_reference(inputs, target, 0.9, True, coef_lp, coef_ent)
@@ -224,16 +221,20 @@ def test_every_needs_grad_combination(impl, needs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("zero", ["hidden2", "weight2"])
-def test_zero_head_is_bitwise_the_one_part_result(impl, zero, dtype):
+def test_zero_head_is_bitwise_the_one_part_result(impl, device, zero, dtype):
     """A zero second part (R²PO's head at init std 0: W2 = 0, or h2 = ReLU(·) = 0) changes nothing:
-    log-prob, entropy and the trunk's and LM head's gradients equal the one-part call's bit for bit."""
+    log-prob, entropy and the trunk's and LM head's gradients equal the one-part call's bit for bit.
+
+    On CUDA the 16-bit two-part forward walks D in 32-wide K tiles and the one-part in 64-wide ones
+    (`_tile_config`): the same 16-deep tensor-core steps in the same order into one fp32
+    accumulator, so this holds there too, and the bf16 case on a GPU checks it."""
     n, d, d2, v = 23, 37, 19, 101
-    hidden, weight, hidden2, weight2, target = make_inputs(n, d, d2, v, dtype, seed=9)
+    hidden, weight, hidden2, weight2, target = make_inputs(n, d, d2, v, dtype, seed=9, device=device)
     if zero == "hidden2":
         hidden2 = torch.zeros_like(hidden2)
     else:
         weight2 = torch.zeros_like(weight2)
-    coef_lp, coef_ent = coefficients(n), coefficients(n, 10)
+    coef_lp, coef_ent = coefficients(n, device=device), coefficients(n, 10, device=device)
     lp, ent, grads = run_kernel((hidden, weight, hidden2, weight2), target, 0.8, True, coef_lp, coef_ent)
 
     h = hidden.clone().requires_grad_()
@@ -249,13 +250,12 @@ def test_zero_head_is_bitwise_the_one_part_result(impl, zero, dtype):
         assert torch.count_nonzero(grads[2]) == 0
 
 
-def test_zero_tokens(impl):
-    *inputs, _ = make_inputs(1, 16, 8, 40, torch.float32)
+def test_zero_tokens(impl, device):
+    *inputs, _ = make_inputs(1, 16, 8, 40, torch.float32, device=device)
     xs = [x.clone().requires_grad_() for x in inputs]
     xs[0], xs[2] = (x[:0].detach().clone().requires_grad_() for x in (xs[0], xs[2]))
-    lp, ent = linear_logprob(
-        xs[0], xs[1], torch.zeros(0, dtype=torch.long), return_entropy=True, hidden2=xs[2], weight2=xs[3]
-    )
+    no_target = torch.zeros(0, dtype=torch.long, device=device)
+    lp, ent = linear_logprob(xs[0], xs[1], no_target, return_entropy=True, hidden2=xs[2], weight2=xs[3])
     assert lp.shape == (0,) and ent.shape == (0,)
     (lp.sum() + ent.sum()).backward()
     assert xs[0].grad.shape == (0, 16) and xs[2].grad.shape == (0, 8)
@@ -279,15 +279,15 @@ class _AllocationRecorder(_InsideOpsMode):
                 self.shapes.add(tuple(t.shape))
 
 
-def test_never_materializes_full_logits_or_a_concatenation(impl, monkeypatch):
+def test_never_materializes_full_logits_or_a_concatenation(impl, device, monkeypatch):
     """No tensor of N·V or V·(D+D2) elements and none with a D+D2 dimension, on either path, in the
     forward or the backward, with the workspace budgets set so chunks are well below N·V (several
     token chunks on the PyTorch path, several vocabulary chunks in the Triton backward)."""
     n, d, d2, v = 48, 32, 24, 160  # D+D2 = 56 is no other dimension of any tensor involved
     monkeypatch.setattr(kernels.chunked, "CHUNK_BYTES", 16 * v * 4)  # 16-token chunks
     monkeypatch.setenv("RESRL_WORKSPACE_MB", str(n * 64 * 4 / 2**20))  # 64-column dz chunks
-    *inputs, target = make_inputs(n, d, d2, v, torch.float32, seed=11)
-    coef_lp, coef_ent = coefficients(n), coefficients(n, 12)
+    *inputs, target = make_inputs(n, d, d2, v, torch.float32, seed=11, device=device)
+    coef_lp, coef_ent = coefficients(n, device=device), coefficients(n, 12, device=device)
     with _AllocationRecorder() as rec:
         got = run_kernel(inputs, target, 1.0, True, coef_lp, coef_ent)
     assert rec.bodies_run == 2  # the workspaces inside the forward and backward ops were seen
@@ -301,19 +301,20 @@ def test_never_materializes_full_logits_or_a_concatenation(impl, monkeypatch):
 
 
 # The chunk workspace each path makes at the budgets set below: a 16-token chunk of logits on
-# the PyTorch path, a 64-column dz chunk in the Triton backward. Seeing it proves the recorder
-# looks inside the custom ops.
+# the PyTorch path, a 64-column dz chunk in the Triton backward (the budget is 64 fp32 columns;
+# fp32 blocks are 32 columns in the interpreter and 64 on CUDA, so 64 on both). Seeing it proves
+# the recorder looks inside the custom ops.
 WORKSPACE = {"torch": lambda n, v: (16, v), "triton": lambda n, v: (n, 64)}
 
 
-def test_one_part_never_materializes_full_logits(impl, monkeypatch):
+def test_one_part_never_materializes_full_logits(impl, device, monkeypatch):
     """The same property for the one-part form (hidden2=None), seen inside the custom ops:
     tests/test_linear_logprob.py's recorder sees only the ops' outputs, since a dispatch mode is
     off while a custom op's body runs."""
     n, d, v = 48, 32, 160
     monkeypatch.setattr(kernels.chunked, "CHUNK_BYTES", 16 * v * 4)
     monkeypatch.setenv("RESRL_WORKSPACE_MB", str(n * 64 * 4 / 2**20))
-    hidden, weight, _, _, target = make_inputs(n, d, 8, v, torch.float32, seed=13)
+    hidden, weight, _, _, target = make_inputs(n, d, 8, v, torch.float32, seed=13, device=device)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     with _AllocationRecorder() as rec:
         lp, ent = linear_logprob(h, w, target, return_entropy=True)
@@ -346,13 +347,15 @@ BAD_SECOND_PART = {
 
 
 @pytest.mark.parametrize("case", list(BAD_SECOND_PART), ids=list(BAD_SECOND_PART))
-def test_bad_second_part_is_rejected_in_one_line(impl, case):
+def test_bad_second_part_is_rejected_in_one_line(impl, device, case):
     args = dict(
         hidden=torch.randn(4, 32), weight=torch.randn(40, 32), target=torch.tensor([0, 1, 2, 3]),
         hidden2=torch.randn(4, 8), weight2=torch.randn(40, 8),
     )  # fmt: skip
     override, msg = BAD_SECOND_PART[case]
     args.update(override)
+    # To the case's device, except a tensor on the meta device on purpose (and the non-tensors).
+    args = {k: x.to(device) if isinstance(x, torch.Tensor) and not x.is_meta else x for k, x in args.items()}
     with pytest.raises(ValueError, match=msg) as info:
         linear_logprob(**args)
     assert "\n" not in str(info.value)
@@ -362,16 +365,33 @@ def test_bad_second_part_is_rejected_in_one_line(impl, case):
 
 
 @pytest.mark.gpu
+def test_gpu_two_part_bf16_matches_float64_reference(monkeypatch):
+    """bf16 on CUDA, forward and all four gradients, against the float64 concatenated reference on
+    the same rounded inputs within TOL: N no multiple of the 128-token block, V no power of two, D2
+    no multiple of the 32-wide K tile."""
+    monkeypatch.setenv("RESRL_KERNEL_IMPL", "triton")
+    n, d, d2, v = 3001, 512, 200, 50257
+    *inputs, target = make_inputs(n, d, d2, v, torch.bfloat16, device="cuda")
+    coef_lp, coef_ent = coefficients(n, device="cuda"), coefficients(n, 2, device="cuda")
+    got = run_kernel(inputs, target, 0.8, True, coef_lp, coef_ent)
+    want = run_reference(inputs, target, 0.8, True, coef_lp, coef_ent)
+    assert got[0].device.type == "cuda"
+    for x, grad in zip(inputs, got[2], strict=True):
+        assert grad.dtype == torch.bfloat16 and grad.shape == x.shape
+    assert_close_to_reference(got, want, torch.bfloat16)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_two_part_triton_matches_torch_path(monkeypatch, dtype):
     """R²PO's shape of head (D2 = D) at a vocabulary that is not a block multiple, both paths on CUDA."""
     n, d, v = 3001, 512, 50257
-    inputs = [x.cuda() for x in make_inputs(n, d, d, v, dtype)]
-    *parts, target = inputs
+    *parts, target = make_inputs(n, d, d, v, dtype, device="cuda")
+    coef_lp, coef_ent = coefficients(n, device="cuda"), coefficients(n, 2, device="cuda")
     outs = {}
     for impl in IMPLS:
         monkeypatch.setenv("RESRL_KERNEL_IMPL", impl)
-        outs[impl] = run_kernel(parts, target, 0.8, True, coefficients(n).cuda(), coefficients(n, 2).cuda())
+        outs[impl] = run_kernel(parts, target, 0.8, True, coef_lp, coef_ent)
     tri, ref = outs["triton"], outs["torch"]
     names = ("logprob", "entropy", *(f"grad_{name}" for name in NAMES))
     for name, a, b in zip(names, [*tri[:2], *tri[2]], [*ref[:2], *ref[2]], strict=True):
