@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 VVENV ?= .venv-vllm
 
-.PHONY: setup setup-vllm test test-vllm demo bench bench-cpu bench-pytest lint format clean
+.PHONY: setup setup-vllm test test-vllm demo bench bench-cpu bench-pytest gpu-wheels lint format clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,23 @@ bench-cpu: setup
 
 bench-pytest: setup
 	$(PY) -m pytest -q bench/
+
+# What a lent GPU machine lacks (no network there; bench/gpu_check.sh installs these): the verifier
+# (math-verify, latex2sympy2-extended, the antlr4 runtime it pins) and the kernel benchmark's
+# baselines, as wheels for its Python 3.12 on x86-64 Linux, one version each, without their
+# dependencies (torch, triton, sympy are there). Also writes .whl/commit.json (commit, dirty flag,
+# source fingerprint): the machine's copy of the tree has no .git. Run it right before each device
+# call that records results; the call names .whl in `carry`.
+GPU_WHEELS ?= math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 \
+	liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
+
+gpu-wheels:
+	mkdir -p .whl && rm -f .whl/*.whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+	$(PY) bench/common.py commit-file
+	@ls -1 .whl; du -sh .whl
 
 lint: setup
 	$(VENV)/bin/ruff check kernels resrl bench tests

@@ -5,6 +5,8 @@ D=4096, V=151936) in bf16; forward and forward+backward time, peak extra memory,
 8·N·V·D FLOPs at the matmul rate measured in this run. Baselines: naive PyTorch (full logits),
 torch's chunked `linear_cross_entropy` where the installed torch has it, Liger-Kernel's fused
 linear cross-entropy and Cut Cross-Entropy (each skipped with its reason if not installed).
+`--device cpu --shapes smoke` runs the same table on the CPU at a tiny shape (gpu_check's smoke).
+With `--record` each row is appended the moment its case ends, with the test outcome it follows.
 
 CPU (`--cpu`): the memory property at a size that fits a laptop: each implementation runs in a
 fresh subprocess and reports its peak resident memory above the inputs.
@@ -17,6 +19,7 @@ detached). Each case in a fresh process, `--rounds` alternating rounds (see `run
 
     python bench/bench_linear_logprob.py                 # GPU table
     python bench/bench_linear_logprob.py --record        # ... appended to bench/results/ after green tests
+    python bench/bench_linear_logprob.py --device cpu --shapes smoke   # the GPU table's code on the CPU
     python bench/bench_linear_logprob.py --cpu           # CPU memory/time table
     python bench/bench_linear_logprob.py --cpu --two-part --record
 """
@@ -42,11 +45,13 @@ from bench.common import (  # noqa: E402
     environment,
     matmul_tflops,
     require_green_tests,
+    results_dir,
     summarize,
     time_ms,
 )
 
-SHAPES = {"A": (16384, 2560, 151936), "B": (32768, 4096, 151936)}
+# smoke: the table's code path on the CPU in seconds (V not a power of two).
+SHAPES = {"A": (16384, 2560, 151936), "B": (32768, 4096, 151936), "smoke": (256, 64, 1000)}
 CPU_SHAPE = (2048, 256, 32000)
 
 
@@ -123,10 +128,11 @@ def measure(name, fn, n, d, v, dtype, device, reps) -> dict:
     return row
 
 
-def run_gpu(args) -> list[dict]:
-    device = torch.device("cuda")
+def run_gpu(args, on_row=None) -> list[dict]:
+    """The device table (CUDA, or the CPU at `--device cpu`); `on_row(row)` as each case ends."""
+    device = torch.device(args.device)
     dtype = torch.bfloat16
-    tflops = matmul_tflops(device, dtype)
+    tflops = matmul_tflops(device, dtype, size=8192 if device.type == "cuda" else 256)
     env = environment(device)
     rows = []
     for shape in args.shapes:
@@ -142,12 +148,14 @@ def run_gpu(args) -> list[dict]:
             row.update(bench="linear_logprob", shape=shape, n=n, d=d, v=v, dtype="bf16", floor_ms=floor_ms,
                        matmul_tflops=tflops, grad_bytes=grad_bytes, **env)  # fmt: skip
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
             if "error" in row:
                 print(f"{name:38s} {row['error']}")
                 continue
             fb = row["ms_fwdbwd"]["median"]
-            print(f"{name:38s} {row['ms_fwd']['median']:9.1f} {fb:11.1f} {fb / floor_ms:8.2f} "
-                  f"{row['peak_mem_bytes'] / 2**20:10.0f}")  # fmt: skip
+            extra = f"{row['peak_mem_bytes'] / 2**20:10.0f}" if "peak_mem_bytes" in row else f"{'-':>10s}"
+            print(f"{name:38s} {row['ms_fwd']['median']:9.1f} {fb:11.1f} {fb / floor_ms:8.2f} {extra}")
     return rows
 
 
@@ -269,7 +277,7 @@ def run_cpu_two_part(args) -> list[dict]:
     return rows
 
 
-def run_cpu(args) -> list[dict]:
+def run_cpu(args, on_row=None) -> list[dict]:
     n, d, v = args.cpu_shape
     device = torch.device("cpu")
     env = environment(device)
@@ -288,12 +296,15 @@ def run_cpu(args) -> list[dict]:
             print(f"{name:38s} {row['ms_fwdbwd']['median']:11.1f} {row['peak_mem_bytes'] / 2**20:15.0f}")
         row.update(bench="linear_logprob_cpu", shape="cpu", n=n, d=d, v=v, dtype="fp32", **env)
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="CPU memory-property mode (no GPU needed)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="the device table's device")
     p.add_argument("--shapes", nargs="+", default=["A", "B"], choices=list(SHAPES))
     p.add_argument("--cpu-shape", nargs=3, type=int, default=list(CPU_SHAPE), metavar=("N", "D", "V"))
     p.add_argument("--reps", type=int, default=5)
@@ -313,20 +324,30 @@ def main() -> None:
         return
     if args.two_part and not args.cpu:
         raise SystemExit("--two-part is a CPU table: pass --cpu too")
-    if not args.cpu and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --cpu for the CPU memory table")
+    if not args.cpu and args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --cpu for the CPU memory table, or --device cpu")
+    on_row = None
     if args.record:
-        require_green_tests(
+        device_type = "cpu" if args.cpu else args.device
+        tests = require_green_tests(
             ["tests/test_linear_logprob.py"]
-            + (["tests/test_linear_logprob_two_part.py"] if args.two_part else [])
+            + (["tests/test_linear_logprob_two_part.py"] if args.two_part else []),
+            device_type,
         )
+        name = "linear_logprob_cpu.jsonl" if args.cpu else "linear_logprob.jsonl"
+
+        def on_row(row: dict) -> None:
+            append_results(name, [{**row, "tests": tests}])
+
     if args.two_part:
         rows = run_cpu_two_part(args)
+        if on_row is not None:
+            for row in rows:
+                on_row(row)
     else:
-        rows = run_cpu(args) if args.cpu else run_gpu(args)
+        rows = run_cpu(args, on_row) if args.cpu else run_gpu(args, on_row)
     if args.record:
-        name = "linear_logprob_cpu.jsonl" if args.cpu else "linear_logprob.jsonl"
-        print(f"appended {len(rows)} rows to {append_results(name, rows)}")
+        print(f"appended {len(rows)} rows to {results_dir() / name}")
     else:
         med = [r["ms_fwdbwd"]["median"] for r in rows if "ms_fwdbwd" in r]
         if med:

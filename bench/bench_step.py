@@ -16,10 +16,17 @@ own step metrics. Weights are random (from the model's config) and the rollout i
 (random token ids, lengths uniform in [response_len / 2, response_len], half of each group
 positive): sampled text would be meaningless with random weights, and the rollout engine is
 measured on its own. Each path runs in a fresh subprocess, so peaks do not leak between paths;
-an out-of-memory is reported as such, with the phase it hit.
+an out-of-memory is reported as such, with the phase it hit, and so are a path stopped at
+`--path-timeout` and one skipped because its host memory (below) exceeds what the machine has
+available. With `--record` each path's row is appended the moment the path ends.
+
+Host memory: each path builds one fp32 model on the CPU (4 bytes per parameter; no reference copy:
+kl_coef 0); with `--offload` the fp32 master weights, gradients and AdamW state stay there (16
+bytes per parameter: Qwen3-4B 64 GB, 8B 131 GB, 14B 236 GB). The child's peak resident memory is
+in its row (`host_peak_gib`).
 
     python bench/bench_step.py --model qwen3-4b                      # both paths, one GPU
-    python bench/bench_step.py --model qwen3-8b --offload --paths resrl
+    python bench/bench_step.py --model qwen3-4b --offload --paths resrl --path-timeout 220
     python bench/bench_step.py --model tiny --device cpu             # smoke run (CI does this)
     ... --record                                                      # append to bench/results/step.jsonl
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import append_results, environment  # noqa: E402
+from bench.common import append_results, environment, tests_outcome  # noqa: E402
 
 QWEN3_VOCAB = 151936
 # Qwen3 dense checkpoints' shapes (their config.json): hidden, layers, heads, kv heads, MLP width, tied head.
@@ -53,6 +61,36 @@ MODELS = {
 }
 PATHS = ("resrl", "reference")
 PHASES = ("prepass", "update")
+# Host bytes per parameter: the fp32 build (without offload it then moves to the GPU), or the fp32
+# master weights, gradients and AdamW moments kept on the host by FSDP2's CPU offload.
+HOST_BYTES_PER_PARAM = {False: 4, True: 16}
+# The process beyond the model: torch, CUDA's host side, pinned staging, the batch.
+HOST_OVERHEAD_BYTES = 6 * 2**30
+
+
+def param_count(model: str) -> int:
+    """Parameters of a MODELS entry (Qwen3: q/k/v/o, q/k norms, SwiGLU MLP, two norms per layer)."""
+    m = MODELS[model]
+    hd = 128 if model != "tiny" else 32
+    h = m["hidden"]
+    attn = 2 * h * m["heads"] * hd + 2 * h * m["kv"] * hd + 2 * hd
+    layer = attn + 3 * h * m["mlp"] + 2 * h
+    return m["layers"] * layer + m["vocab"] * h * (1 if m["tied"] else 2) + h
+
+
+def host_need_bytes(model: str, offload: bool) -> int:
+    return param_count(model) * HOST_BYTES_PER_PARAM[offload] + HOST_OVERHEAD_BYTES
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def reference_forward(
@@ -156,6 +194,8 @@ def overrides(args, out_dir: str) -> list[str]:
         f"train.cpu_offload={str(args.offload).lower()}",
         f"train.steps={args.steps}",
         "algorithm.objective=resrl",
+        # No frozen reference copy: one model per path (host memory above).
+        "algorithm.kl_coef=0",
         "sft.steps=0",
         "eval.before=false",
         f"run.device={args.device}",
@@ -197,6 +237,8 @@ def run_path(args) -> dict:
         row["status"] = "oom"
         row["phase"] = phase
         row["error"] = str(err).splitlines()[0][:300]
+    # ru_maxrss is in KiB on Linux.
+    row["host_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     tokens = args.prompts * args.n * (args.prompt_len + 0.75 * args.response_len)
     row["shape"] = {
         "prompts": args.prompts,
@@ -241,9 +283,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every block's activations")
     parser.add_argument("--steps", type=int, default=2, help="steps per path; the last is reported")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    parser.add_argument(
+        "--path-timeout", type=float, default=0, help="seconds per path before it is stopped (0: none)"
+    )
     parser.add_argument("--record", action="store_true", help="append the rows to bench/results/step.jsonl")
     parser.add_argument("--path", choices=PATHS, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
+    if args.path_timeout < 0:
+        parser.error(f"--path-timeout must be >= 0 (0: no limit), got {args.path_timeout}")
     for name in ("prompts", "n", "prompt_len", "response_len", "micro_batch_tokens", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -256,49 +303,80 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def parent_environment(args) -> dict:
+    """The row's environment from this process, which never touches CUDA (a context here would hold
+    GPU memory while the children measure): the device is named by its kind only."""
+    return {**environment(torch.device("cpu")), "device": args.device, "cuda": None}
+
+
+def run_child(args, path: str, child_args: list[str]) -> dict:
+    """One path in a fresh process; a row whatever happens to it (ok, oom, timeout, killed, failed).
+    The child prints its environment first, so even a row of a path that died names the device."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *child_args,
+        "--path",
+        path,
+        "--device",
+        args.device,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.path_timeout or None)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        # subprocess.run has killed the child; what it printed so far comes back as bytes.
+        def text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else b or ""
+
+        code, out, err = None, text(exc.stdout), text(exc.stderr)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    found = [json.loads(line) for line in lines]
+    env_row = next((x["env"] for x in found if "env" in x), None) or parent_environment(args)
+    if code == 0 and found and "env" not in found[-1]:
+        return {**found[-1], **env_row}
+    if code is None:
+        status = f"timeout ({args.path_timeout:g} s)"
+    else:
+        status = "killed" if code == -9 else f"failed (exit {code})"
+    print(f"bench path {path}: {status}:\n{err[-3000:]}", file=sys.stderr)
+    return {"model": args.model, "path": path, "offload": args.offload, "status": status,
+            "error": err.strip().splitlines()[-1][:300] if err.strip() else "", **env_row}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.path is not None:
+        print(json.dumps({"env": environment(torch.device(args.device))}), flush=True)
         print(json.dumps(run_path(args)))
         return []
+    tests = tests_outcome(args.device)
+    need, available = host_need_bytes(args.model, args.offload), host_available_bytes()
     rows = []
     child_args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--record"]
     for path in args.path_list:
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            *child_args,
-            "--path",
-            path,
-            "--device",
-            args.device,
-        ]
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
-        last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
-        if proc.returncode == 0 and last and last[0].startswith("{"):
-            rows.append(json.loads(last[0]))
-            continue
-        # Killed (host out of memory: -9) or crashed: a row that says so, with the error's tail.
-        print(f"bench path {path} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
-        rows.append(
-            {
-                "model": args.model,
-                "path": path,
-                "offload": args.offload,
-                "status": "killed" if proc.returncode == -9 else f"failed (exit {proc.returncode})",
-                "error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "",
-            }
-        )
-    env = environment(torch.device(args.device))
-    for row in rows:
-        row.update(env)
+        if available is not None and need > available:
+            row = {"model": args.model, "path": path, "offload": args.offload,
+                   "status": f"skipped: needs ~{need / 2**30:.0f} GiB host memory, {available / 2**30:.0f} available",
+                   **parent_environment(args)}  # fmt: skip
+        else:
+            try:
+                row = run_child(args, path, child_args)
+            except KeyboardInterrupt:
+                # Stopped from outside (gpu_check.sh's budget sends SIGINT; the child is killed):
+                # the path in flight is recorded as such before this process ends.
+                row = {"model": args.model, "path": path, "offload": args.offload, "status": "interrupted",
+                       **parent_environment(args)}  # fmt: skip
+        row.update(host_need_gib=need / 2**30, tests=tests)
+        rows.append(row)
+        if args.record:
+            print("recorded in", append_results("step.jsonl", [row]))
+        if row["status"] == "interrupted":
+            raise SystemExit(f"bench_step: interrupted during the {path} path")
     tokens = args.prompts * args.n * (args.prompt_len + 0.75 * args.response_len)
-    print(f"{args.model}, ~{int(tokens)} tokens/step, offload={args.offload}, {env['device']}")
+    print(f"{args.model}, ~{int(tokens)} tokens/step, offload={args.offload}, {rows[0].get('device', '?')}")
     print(table(rows))
-    if args.record:
-        print("recorded in", append_results("step.jsonl", rows))
     return rows
 
 
