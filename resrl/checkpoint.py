@@ -294,7 +294,7 @@ def resume_point(run_dir: Path, cfg: Config, world: World = SINGLE) -> tuple[Pat
             )
         return None, {}
     meta = load_meta(found)
-    changes = resume_changes(meta["config"], cfg, str(found))
+    changes = resume_changes(meta["config"], cfg, str(found), saved_model=meta.get("model_shapes"))
     if meta["step"] > cfg.train.steps:
         raise ConfigError(
             f"config train.steps={cfg.train.steps} is below step {meta['step']} of the checkpoint {found}; "
@@ -454,13 +454,24 @@ def export_hf(
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if world.is_main:
-        model.save_pretrained(path, state_dict=state, safe_serialization=True)
+        # Written beside the target and renamed into place: a crash leaves the previous folder (or
+        # none), never a partial one.
+        path = Path(path)
+        tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if dtype is not None:
             # save_pretrained writes the dtype of the module (here fp32 masters), not of the weights.
-            config_file = Path(path) / "config.json"
+            config_file = tmp / "config.json"
             config = json.loads(config_file.read_text())
             config["dtype"] = str(dtype).removeprefix("torch.")
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tokenizer.save_pretrained(path)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(path.parent)
     # Other ranks may read the folder next (each rank's vLLM engine starts from it).
     barrier(world)

@@ -18,6 +18,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
 import textwrap
 import traceback
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from resrl import interrupt
 from resrl.config import Config, ConfigError, resolve
 from resrl.errors import InputError, MissingPackageError, UserError
 from resrl.presets import PRESETS
@@ -162,8 +165,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     _check_runnable(cfg)
-    trainer = Trainer(cfg)
-    summary = trainer.fit()
+    with interrupt.stoppable():
+        trainer = Trainer(cfg)
+        summary = trainer.fit()
     if trainer.world.is_main:
         _print_table(summary)
         print(f"run directory: {Path(cfg.run.out_dir) / cfg.run.name}")
@@ -214,6 +218,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model_dir = Path(args.model)
     check_model_folder(args.model, what="--model", hub=False)
+    # Named by the model evaluated (runs/x/final -> runs/x/eval/final_*), never over another
+    # evaluation's files unless asked; checked before any work.
+    name = args.name or model_dir.resolve().name
+    out = Path(args.out) if args.out else model_dir.parent / "eval"
+    outputs = [out / f"{name}_{part}" for part in ("summary.json", "samples.jsonl", "pass_at_k.png")]
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not args.overwrite:
+        raise InputError(
+            f"{existing[0]} exists (an earlier evaluation); pass --overwrite to replace it, or "
+            "--name/--out to write elsewhere"
+        )
     examples = [ex for path in args.data for ex in load_examples(path)]
     if args.max_problems:
         examples = examples[: args.max_problems]
@@ -233,24 +248,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_model_len=longest + max_new_tokens,
         seed=args.seed,
     )
-    result = evaluate(
-        engine,
-        examples,
-        tokenizer,
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=max_new_tokens,
-        seed=args.seed,
-        reward=args.reward,
-        progress=True,
-    )
-    out = Path(args.out) if args.out else model_dir.parent / "eval"
-    paths = result.write(out, name=args.name)
+    with interrupt.stoppable(at_once=True):
+        try:
+            result = evaluate(
+                engine,
+                examples,
+                tokenizer,
+                n=args.n,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                max_new_tokens=max_new_tokens,
+                seed=args.seed,
+                reward=args.reward,
+                progress=True,
+            )
+        except interrupt.Stopped as e:
+            raise interrupt.Stopped(
+                e.signum, f"{e} during the evaluation of {model_dir}; nothing was written"
+            ) from None
+    # Which model and data the numbers are of.
+    result.summary["model"] = str(model_dir.resolve())
+    result.summary["data"] = [str(Path(p).resolve()) for p in args.data]
+    paths = result.write(out, name=name)
     if args.plot:
         from resrl.eval.plot import plot_pass_at_k
 
-        plot_pass_at_k({args.name: result.summary}, out / f"{args.name}_pass_at_k.png")
+        plot_pass_at_k({name: result.summary}, outputs[2])
     print(json.dumps({k: v for k, v in result.summary.items() if "/" not in k}, indent=1))
     print(f"wrote {', '.join(map(str, paths))}")
     return 0
@@ -298,9 +321,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     preset = args.preset or ("tiny" if args.config is None else None)
     cfg = resolve(preset, args.config, args.overrides)
     _check_runnable(cfg)
-    run_comparison(
-        preset, args.config, args.overrides, variants=args.variants, seeds=args.seeds, name=args.name
-    )
+    # A stop is taken at a training step's end (the run's checkpoint); the same command resumes.
+    with interrupt.stoppable():
+        run_comparison(
+            preset, args.config, args.overrides, variants=args.variants, seeds=args.seeds, name=args.name
+        )
     out = Path(cfg.run.out_dir) / args.name
     print((out / "compare.md").read_text())
     print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'pass_at_k.png'}")
@@ -426,11 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-problems", type=_int_at_least(0), default=0, help="evaluate the first N problems (0: all)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reward", default="math")
+    p.add_argument(
+        "--reward",
+        default="math",
+        help="a registered reward (math), path/to/file.py:function or package.module:function",
+    )
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"])
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output folder (default: <model>/../eval)")
-    p.add_argument("--name", default="eval", help="file name prefix of the outputs")
+    p.add_argument(
+        "--name", help="file name prefix of the outputs (default: the model folder's name, e.g. final)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation's files")
     p.add_argument("--plot", action="store_true", help="also write a pass@k curve PNG")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("data", help="dataset tools", parents=[debug])
@@ -449,20 +481,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_export)
     p = sub.add_parser(
         "estimate",
-        help="peak GPU memory of one ResRL step of a Qwen3 size, estimated on the CPU (fake tensors)",
-        description="Peak device memory per phase (pre-pass, update, optimizer) of one ResRL step, "
-        "resrl's path and the reference recipe's (full fp32 logits, every layer's hidden states), "
-        "bf16, one GPU; batch defaults: the qwen3-4b-math-resrl preset. See resrl/estimate.py.",
+        help="peak GPU and host memory of one RL step of a Qwen3 size, estimated on the CPU (fake tensors)",
+        description="Peak memory per phase (load, pre-pass, update, optimizer) of one ResRL step on one "
+        "rank, on the GPU and on the host, resrl's path and the reference recipe's (full fp32 logits, "
+        "every layer's hidden states), as the trainer holds the model: bf16 compute with fp32 master "
+        "weights, gradients and AdamW state under FSDP2 (16 B/param / world size), on the GPU or, with "
+        "--offload, on the host. Batch defaults: the qwen3-4b-math-resrl preset. --json prints one "
+        "object (schema: resrl/estimate.py).",
         parents=[debug],
     )
-    p.add_argument("--model", required=True, help="qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b or qwen3-14b")
-    p.add_argument("--offload", action="store_true", help="FSDP2 CPU offload of parameters and optimizer")
     p.add_argument(
-        "--gpu-mem", type=_float_in(0.0, 1e6, low_open=True), default=80.0, help="GiB (default 80)"
+        "--model",
+        required=True,
+        nargs="+",
+        help="one or more of qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b, qwen3-14b",
+    )
+    p.add_argument(
+        "--paths", default="resrl,reference", help="comma-separated: resrl, reference (default both)"
+    )
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="train.cpu_offload: masters, gradients, AdamW state on the host",
+    )
+    p.add_argument(
+        "--world-size",
+        "--gpus",
+        type=_int_at_least(1),
+        default=1,
+        help="processes (one per GPU) FSDP2 shards over (default 1); figures are per rank",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="compute dtype, model.dtype (default bfloat16; float32 on one GPU: the plain module)",
+    )
+    p.add_argument(
+        "--kl-reference",
+        action="store_true",
+        help="a frozen reference model (algorithm.kl_coef > 0, or ACE), 2 B/param sharded like the policy",
+    )
+    p.add_argument(
+        "--gpu-mem",
+        type=_float_in(0.0, 1e6, low_open=True),
+        nargs="+",
+        default=[80.0],
+        help="GPU capacities to test, GiB (default 80); fits: peak <= capacity - reserve",
     )
     p.add_argument(
         "--reserve", type=_float_in(0.0, 1e6), default=2.0, help="GiB kept for CUDA context, workspaces (2)"
     )
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the tables")
     for name, default, low in (
         ("prompts", 256, 1),
         ("n", 4, 1),
@@ -494,6 +564,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"resrl: error: {_one_line(e)}", file=sys.stderr)
         return USER_ERROR
+    except interrupt.Stopped as e:
+        # Every rank stops the same way under torchrun; one line is enough.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"resrl: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        # A Ctrl-C outside the commands' own handling (e.g. while arguments are read).
+        print("resrl: stopped by SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -169,7 +169,11 @@ class AlgorithmConfig:
     advantage: str = "grpo"
     """Sequence advantage for grpo/resrl: grpo (z-score in the group), drgrpo (no std), reinforce."""
     reward: str = "math"
-    """Reward function name from the registry (`resrl.rewards.register_reward`)."""
+    """A registered reward (`resrl.rewards.register_reward`; built in: math), or your own function:
+    path/to/file.py:function (a relative path is resolved against the current directory and
+    recorded absolute) or package.module:function, called as fn(response, ground_truth) with the
+    keywords it takes from truncated, negative_reward and the data row's fields (data_source,
+    prompt, solution, extra_info, ...); > 0 means correct. Example: examples/my_reward.py."""
     negative_reward: float = -1.0
     """Reward of a wrong or truncated response: -1 (ResRL's convention) or 0 (PSR/NSR's)."""
     length_reward: bool = False
@@ -224,6 +228,7 @@ class AlgorithmConfig:
     for the rest; prepass: always the no-grad pre-pass. Same weights either way (to rounding)."""
 
     def validate(self) -> None:
+        self._check_reward()
         _choice("algorithm.objective", self.objective, OBJECTIVES)
         _choice("algorithm.advantage", self.advantage, ADVANTAGE_KINDS)
         _choice("algorithm.agg", self.agg, AGG_MODES)
@@ -255,6 +260,25 @@ class AlgorithmConfig:
                 "algorithm.length_l0",
                 f"need 0 < length_l0 < length_lmax, got {self.length_l0}, {self.length_lmax}",
             )
+
+    def _check_reward(self) -> None:
+        """A spec of the user's function loads now (file, import, function), before any model is
+        built, and a relative file path becomes absolute; a .py path without its function fails. A
+        plain name is looked up in the registry by the command line later, since a Python caller may
+        register it after building the config."""
+        from resrl.errors import InputError
+        from resrl.rewards.registry import available_rewards, get_reward
+        from resrl.rewards.user import is_spec, resolve_spec
+
+        if self.reward in available_rewards():
+            return
+        try:
+            if is_spec(self.reward):
+                self.reward = resolve_spec(self.reward)
+            elif self.reward.strip().endswith(".py"):
+                get_reward(self.reward)
+        except InputError as e:
+            _fail("algorithm.reward", str(e))
 
 
 @dataclass
@@ -329,10 +353,14 @@ class SFTConfig:
     """Sequences per warm-start step."""
     lr: float = 1e-3
     """Warm-start learning rate (AdamW, constant, no weight decay)."""
+    checkpoint_every: int = 100
+    """Checkpoint the warm start every this many of its steps and at its end (0: only at RL's
+    checkpoints), so a run stopped during it resumes there instead of from zero."""
 
     def validate(self) -> None:
         _at_least("sft.steps", self.steps, 0)
         _at_least("sft.batch_size", self.batch_size, 1)
+        _at_least("sft.checkpoint_every", self.checkpoint_every, 0)
         if not self.lr > 0:
             _fail("sft.lr", f"must be > 0, got {self.lr}")
 
@@ -657,6 +685,10 @@ RESUME_SAFE_KEYS = (
     "run.keep_checkpoints",
     "run.tensorboard",
     "run.progress",
+    # Where it runs: CPU <-> GPU or another GPU (master weights and optimizer state are fp32 in
+    # every mode; with model.dtype=auto the compute dtype follows the device).
+    "run.device",
+    "sft.checkpoint_every",
     # Memory and speed only: the same gradients (up to float summation order).
     "train.micro_batch_size",
     "train.pack",
@@ -690,15 +722,56 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in patterns)
 
 
-def resume_changes(saved: dict[str, Any], current: Config, checkpoint: str) -> dict[str, list[Any]]:
+# What a model folder's config.json must keep for a run to resume from it at another path.
+MODEL_SHAPE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+def model_shapes(config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a Hugging Face config (as a dict) that fix the shapes of the weights."""
+    return {k: config.get(k) for k in MODEL_SHAPE_FIELDS}
+
+
+def _folder_shapes(path: str | None) -> dict[str, Any] | None:
+    try:
+        return model_shapes(json.loads((Path(path) / "config.json").read_text(encoding="utf-8")))
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def resume_changes(
+    saved: dict[str, Any],
+    current: Config,
+    checkpoint: str,
+    *,
+    saved_model: dict[str, Any] | None = None,
+) -> dict[str, list[Any]]:
     """Check `current` against the config dict saved in a checkpoint before resuming from it.
 
     Returns the keys outside RESUME_SAFE_KEYS that differ, as {key: [saved, now]}: empty unless
     run.resume=force allowed them. Raises ConfigError (one line naming every such key) when they
     differ without force, or when a key of SHAPE_KEYS differs. Keys only one side has (fields added
-    or removed since the checkpoint was written) are not compared."""
+    or removed since the checkpoint was written) are not compared. `saved_model`: the checkpoint's
+    `model_shapes` of the model it trained; a model.path that moved is no change when the folder
+    now named has the same shapes."""
     old, new = _flat(saved), _flat(current.to_dict())
     changed = {k: [old[k], new[k]] for k in new if k in old and old[k] != new[k]}
+    if (
+        "model.path" in changed
+        and saved_model is not None
+        and _folder_shapes(current.model.path) == saved_model
+    ):
+        # The base model folder moved (or was copied): the same architecture and shapes.
+        del changed["model.path"]
     unsafe = {k: v for k, v in changed.items() if not _matches(k, RESUME_SAFE_KEYS)}
     listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in unsafe.items())
     shape = [k for k in unsafe if _matches(k, SHAPE_KEYS)]

@@ -7,6 +7,9 @@ Row kinds (detected per row):
 * plain: ``{"problem": str, "answer": str | number}``, optionally with a ready-made ``"prompt"``
   (str or message list) that is used instead of ``problem``, and a ``data_source``.
 
+A row's other fields (verl's ``extra_info`` and ``ability``, a plain row's ``problem``, any other
+column) are kept in ``Example.extra``, for a reward that takes them as keywords.
+
 Every malformed row raises ``DataError`` naming the file, the 1-based row (the line number for
 JSONL) and the field. ``Example.index`` is the row's 0-based position among the file's examples,
 not verl's ``extra_info.index``: positions are unique within a file, verl's indices need not be.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,20 @@ class Example:
     index: int = 0
     solution: str | None = None
     """A reference response (plain rows' optional ``solution``), used by the supervised warm start."""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The row's other fields as read (verl's ``extra_info`` and ``ability``, a plain row's
+    ``problem``, any other column), for a reward that takes them as keywords. Left out of ``==``
+    and the repr: an example is its prompt and answer, these only travel with it."""
+
+    def reward_fields(self) -> dict[str, Any]:
+        """The keywords a reward may take besides the response and ground truth: ``data_source``,
+        ``prompt``, ``solution`` (None when the row has none) and the ``extra`` fields."""
+        return {
+            **self.extra,
+            "data_source": self.data_source,
+            "prompt": self.prompt,
+            "solution": self.solution,
+        }
 
 
 class DataError(UserError, ValueError):
@@ -126,6 +143,14 @@ def _prompt(path: Path, row: int, field: str, value: Any) -> str | list[dict[str
     return messages
 
 
+# Row fields that become an Example's own attributes; the rest are carried in Example.extra.
+_OWN_FIELDS = ("prompt", "answer", "reward_model", "data_source", "solution")
+
+
+def _extra(obj: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in obj.items() if key not in _OWN_FIELDS}
+
+
 def _example(path: Path, row: int, obj: Any, index: int) -> Example:
     if not isinstance(obj, dict):
         raise _error(path, row, "<row>", f"expected an object, got {type(obj).__name__}")
@@ -145,7 +170,7 @@ def _example(path: Path, row: int, obj: Any, index: int) -> Example:
         if "ground_truth" not in reward_model:
             raise _error(path, row, "reward_model.ground_truth", "missing")
         answer = _text(path, row, "reward_model.ground_truth", reward_model["ground_truth"], numbers=True)
-        return Example(prompt=prompt, answer=answer, data_source=source, index=index)
+        return Example(prompt=prompt, answer=answer, data_source=source, index=index, extra=_extra(obj))
     if "problem" not in obj and "answer" not in obj:
         raise _error(
             path,
@@ -166,7 +191,9 @@ def _example(path: Path, row: int, obj: Any, index: int) -> Example:
     solution = obj.get("solution")
     if solution is not None:
         solution = _text(path, row, "solution", solution)
-    return Example(prompt=prompt, answer=answer, data_source=source, index=index, solution=solution)
+    return Example(
+        prompt=prompt, answer=answer, data_source=source, index=index, solution=solution, extra=_extra(obj)
+    )
 
 
 def load_examples(path: str | os.PathLike) -> list[Example]:
@@ -186,9 +213,9 @@ def load_examples(path: str | os.PathLike) -> list[Example]:
 
 
 def write_examples(examples: list[Example], path: str | os.PathLike) -> Path:
-    """Write ``examples`` as plain JSONL rows (``prompt``, ``answer``, ``data_source`` and, when
-    there is one, ``solution``) that ``load_examples`` reads back as the same examples (``index``
-    is the row position, as on every load). Parent folders are created."""
+    """Write ``examples`` as plain JSONL rows (``prompt``, ``answer``, ``data_source``, when there
+    is one ``solution``, then the ``extra`` fields) that ``load_examples`` reads back as the same
+    examples (``index`` is the row position, as on every load). Parent folders are created."""
     path = Path(path)
     if path.suffix != ".jsonl":
         raise DataError(f"{path}: examples are written as JSON lines; accepted: a .jsonl path")
@@ -202,7 +229,9 @@ def write_examples(examples: list[Example], path: str | os.PathLike) -> Path:
             }
             if example.solution is not None:
                 row["solution"] = example.solution
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            row.update({key: value for key, value in example.extra.items() if key not in _OWN_FIELDS})
+            # A Parquet column may hold values JSON has no type for (dates); they are written as text.
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     return path
 
 

@@ -11,14 +11,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
-from resrl import checkpoint
+from resrl import checkpoint, interrupt, rundir
 from resrl.algorithms import group_seed
 from resrl.batch import RolloutBatch
-from resrl.config import Config
+from resrl.config import Config, RunError, model_shapes
 from resrl.distributed import (
     Policy,
     all_gather_objects,
@@ -37,7 +37,7 @@ from resrl.ranks import check_world, gather_rollouts, mean_over_ranks, rank_shar
 from resrl.rewards import get_batch_reward, score_responses
 from resrl.rollout import SamplingParams, build_engine, free_cached_memory
 from resrl.rollout_head import RolloutHead
-from resrl.sft import solution_ids, warm_start
+from resrl.sft import WarmStart, solution_ids
 from resrl.tracker import PhaseClock, Tracker
 from resrl.update import Stage, optimizer_step
 from resrl.weights import InlineWeights, WeightStats, plan_weights
@@ -64,7 +64,7 @@ class Trainer:
         self.world = init_world(cfg.run.device)
         check_world(cfg, self.world)
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._hold_run_dir()
         # Decided before the model is built, so a refused resume fails in a second.
         resume_from, self.config_changes = checkpoint.resume_point(self.run_dir, cfg, self.world)
         self.device = resolve_device(cfg.run.device, self.world.local_rank)
@@ -144,6 +144,21 @@ class Trainer:
             self.engine.sync_head(head)
         self.ref_policy: Policy | None = None
         self.step = 0
+        # The warm start while it is to run (its optimizer is saved in its checkpoints).
+        self._warm: WarmStart | None = None
+        if cfg.sft.steps > 0:
+            self._warm = WarmStart(
+                self.policy,
+                self.train_set.prompt_ids,
+                solution_ids(self.train_set.examples, self.tokenizer),
+                cfg.sft,
+                pad_id=self.pad_id,
+                seed=_seed(cfg.run.seed, _SFT),
+                world=self.world,
+                device=self.device,
+            )
+        self._rl_clock: tuple[float, float] | None = None
+        self._stop_signal: int | None = None
         self.history: dict[str, Any] = {}
         self._bar = None
         if resume_from is not None:
@@ -158,15 +173,37 @@ class Trainer:
             # The config this run continues with, whatever the checkpoint was saved with.
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
+    def _hold_run_dir(self) -> None:
+        """Create the run directory and hold it for this run (`resrl.rundir`): rank 0 takes the
+        lock, and every rank stops with the same one line when it cannot be had or written."""
+        error = None
+        if self.world.is_main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                rundir.hold(self.run_dir)
+            except RunError as e:
+                error = str(e)
+            except OSError as e:
+                error = (
+                    f"config run.out_dir: cannot create or write the run directory {self.run_dir} "
+                    f"({e.strerror or e}); pass a writable folder"
+                )
+        error = all_gather_objects(error, self.world)[0]
+        if error is not None:
+            raise RunError(error)
+
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.step == 0 and "sft" not in self.history:
             self.history["sft"] = self.warm_start()
-            if cfg.eval.before:
-                self.history["eval_before"] = self.evaluate("before")
-        start = time.perf_counter()
+        if self.step == 0 and cfg.eval.before and "eval_before" not in self.history:
+            self.history["eval_before"] = self.evaluate("before")
+            if self._stop_asked():
+                self._stop("after the evaluation before RL", save=False)
+        # RL time adds up across resumes: each checkpoint records the time up to it.
+        self._rl_clock = (self.history.get("rl_seconds", 0.0), time.perf_counter())
         steps = range(self.step, cfg.train.steps)
         if cfg.run.progress and self.world.is_main:
             from tqdm import tqdm
@@ -185,21 +222,25 @@ class Trainer:
                 self._bar.set_postfix(
                     reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}"
                 )
-            if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
+            saved = cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0
+            if saved:
                 self._phase("checkpoint")
                 self.save()
+            if self._stop_asked():
+                self._stop(f"after step {self.step} of {cfg.train.steps}", save=not saved)
         if self._bar is not None:
             # The last phase shown is over.
             self._bar.set_description_str(cfg.algorithm.objective)
             self._bar.close()
             self._bar = None
-        self.history["rl_seconds"] = self.history.get("rl_seconds", 0.0) + time.perf_counter() - start
         self.save()
+        self._rl_clock = None
         self.export(self.run_dir / "final")
         self.history["eval_after"] = self.evaluate("after")
         summary = self.write_summary()
         if self.tracker is not None:
             self.tracker.close()
+        rundir.release(self.run_dir)
         return summary
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -312,8 +353,11 @@ class Trainer:
                 samples = self.engine.generate(prompts, params)
         else:
             samples = self.engine.generate(prompts, params)
-        answers = [self.train_set.examples[slot].answer for slot in slots]
-        rewards, positive, classes = score_responses(samples, answers, self.reward_fn, cfg.algorithm)
+        examples = [self.train_set.examples[slot] for slot in slots]
+        answers = [example.answer for example in examples]
+        rewards, positive, classes = score_responses(
+            samples, answers, self.reward_fn, cfg.algorithm, rows=examples
+        )
         group_ids = [step * cfg.train.prompts_per_step + slot for slot in slots]
         return RolloutBatch.from_samples(samples, rewards, positive, group_ids, reward_class=classes)
 
@@ -377,22 +421,50 @@ class Trainer:
     # ------------------------------------------------------------------ around the loop
 
     def warm_start(self) -> dict[str, float]:
-        if self.cfg.sft.steps == 0:
+        """The supervised warm start (or what is left of it after a resume), with checkpoints
+        every `sft.checkpoint_every` steps and at its end; its optimizer is dropped afterwards."""
+        if self._warm is None:
             return {}
-        targets = solution_ids(self.train_set.examples, self.tokenizer)
-        metrics = warm_start(
-            self.policy,
-            self.train_set.prompt_ids,
-            targets,
-            self.cfg.sft,
-            pad_id=self.pad_id,
-            seed=_seed(self.cfg.run.seed, _SFT),
-            progress=self.cfg.run.progress and self.world.is_main,
-            world=self.world,
-            device=self.device,
+        metrics = self._warm.run(
+            progress=self.cfg.run.progress and self.world.is_main, after_step=self._after_warm_step
         )
+        self._warm = None
         self.engine.sync_weights(self.model)
         return metrics
+
+    def _after_warm_step(self, done: int) -> None:
+        every, steps = self.cfg.sft.checkpoint_every, self.cfg.sft.steps
+        saved = bool(every) and (done % every == 0 or done == steps)
+        if saved:
+            self.save()
+        if self._stop_asked():
+            self._stop(f"during the warm start, after its step {done} of {steps}", save=not saved)
+
+    def _stop_asked(self) -> bool:
+        """Whether SIGINT or SIGTERM asked this run to stop (`resrl.interrupt`); every rank sees
+        the same answer under torchrun."""
+        signum = interrupt.asked()
+        if self.world.distributed:
+            signum = max((s or 0 for s in all_gather_objects(signum, self.world)), default=0) or None
+        self._stop_signal = signum
+        return signum is not None
+
+    def _stop(self, where: str, *, save: bool) -> NoReturn:
+        """End the run where a stop was asked for: a checkpoint of the work done (when `save`),
+        then `interrupt.Stopped` with one line saying where it stopped and how to go on."""
+        path = self.save() if save else checkpoint.latest(self.run_dir)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.tracker is not None:
+            self.tracker.close()
+        rundir.release(self.run_dir)
+        kept = f"the last checkpoint is {path}" if path is not None else "no checkpoint was written yet"
+        raise interrupt.Stopped(
+            self._stop_signal,
+            f"stopped by {interrupt.name(self._stop_signal)} {where}; {kept}; run the same command "
+            "again to resume",
+        )
 
     def evaluate(self, tag: str) -> dict[str, float]:
         from resrl.eval.evaluate import evaluate
@@ -443,6 +515,9 @@ class Trainer:
         return frozen_copy(self.policy, Policy(model), self._shard_kwargs if self.sharded else None)
 
     def save(self) -> Path:
+        if self._rl_clock is not None:
+            base, since = self._rl_clock
+            self.history["rl_seconds"] = base + time.perf_counter() - since
         meta = {
             "step": self.step,
             "scheduler": self.scheduler.state_dict(),
@@ -450,12 +525,17 @@ class Trainer:
             "rng": checkpoint.rng_state(),
             "history": self.history,
             "config": self.cfg.to_dict(),
+            # What model.path held, so the folder may move (`config.resume_changes`).
+            "model_shapes": model_shapes(self.model.config.to_dict()),
             "world_size": self.world.size,
             "has_reference": self.ref_policy is not None,
             "has_rollout_head": self.r2po is not None,
         }
         if self.r2po is not None:
             meta["head_scheduler"] = self.r2po.head_stage.scheduler.state_dict()
+        if self._warm is not None:
+            # Saved during the warm start: where it is, to go on from there.
+            meta["warm_start"] = self._warm.state_dict()
         # Optimizers that have stepped (R²PO mid-round: one may not have yet); a resume restores
         # those and leaves the others fresh, as they are in the uninterrupted run.
         optimizers = {k: o for k, o in self._optimizers().items() if o.state}
@@ -473,13 +553,16 @@ class Trainer:
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         heads = {} if self.r2po is None else {"head": self.r2po.head_stage.optimizer}
-        return {"policy": self.optimizer, **heads}
+        warm = {} if self._warm is None else {"sft": self._warm.optimizer}
+        return {"policy": self.optimizer, **heads, **warm}
 
     def _load(self, path: Path) -> None:
         meta = checkpoint.load_meta(path)
-        checkpoint.check_saved_with(meta, path, self.cfg, reference=self._uses_reference)
+        # The KL reference is made when RL starts: a checkpoint of the warm start has none yet.
+        reference = self._uses_reference and "warm_start" not in meta
+        checkpoint.check_saved_with(meta, path, self.cfg, reference=reference)
         frozen = None
-        if self._uses_reference:
+        if reference:
             self.ref_policy = self._reference_model()
             frozen = {"reference": self.ref_policy}
         own = self._optimizers()
@@ -490,6 +573,10 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"])
         self.history = state["history"]
         self.step = state["step"]
+        if "warm_start" in state:
+            self._warm.load_state_dict(state["warm_start"])
+        elif "sft" in self.history:
+            self._warm = None
         o = self.cfg.optim
         checkpoint.apply_optim_config(
             self.optimizer, self.scheduler, o.lr, (o.beta1, o.beta2), o.weight_decay
@@ -499,7 +586,14 @@ class Trainer:
             self.r2po.head_stage.scheduler.load_state_dict(state["head_scheduler"])
             self.engine.sync_head(self.policy.rollout_head)
         if self.world.is_main:
-            print(f"resuming from step {self.step} ({path})", file=sys.stderr, flush=True)
+            where = f"step {self.step}"
+            if self._warm is not None:
+                where = f"the warm start from its step {self._warm.step}"
+            print(
+                f"resuming {'from ' if self._warm is None else ''}{where} ({path})",
+                file=sys.stderr,
+                flush=True,
+            )
         if self.config_changes:
             checkpoint.record_config_changes(
                 self.run_dir, self.history, self.step, path, self.config_changes, write=self.world.is_main

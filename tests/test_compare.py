@@ -44,10 +44,11 @@ def test_eval_cli_on_a_trained_run(tmp_path, capsys):
     out = tmp_path / "ev"
     args = ["eval", "--model", str(tmp_path / "r" / "final"), "--data", str(data), "--n", "4"]
     assert main([*args, "--max-new-tokens", "24", "--out", str(out), "--plot"]) == 0
-    summary = json.loads((out / "eval_summary.json").read_text())
+    summary = json.loads((out / "final_summary.json").read_text())
     assert summary["n_problems"] == 5 and {"pass@1", "pass@2", "pass@4", "avg@4"} <= set(summary)
-    assert len((out / "eval_samples.jsonl").read_text().splitlines()) == 5
-    assert (out / "eval_pass_at_k.png").stat().st_size > 0
+    assert summary["model"] == str((tmp_path / "r" / "final").resolve())
+    assert len((out / "final_samples.jsonl").read_text().splitlines()) == 5
+    assert (out / "final_pass_at_k.png").stat().st_size > 0
     capsys.readouterr()
     assert main(["eval", "--model", str(tmp_path), "--data", str(data)]) == 2
     err = capsys.readouterr().err
@@ -70,7 +71,7 @@ def test_readme_eval_command_on_what_make_demo_writes(tmp_path, capsys):
     assert len(rows) == 6 and rows[0]["prompt"] == after["prompt"] and rows[0]["answer"] == after["answer"]
     final = str(tmp_path / "tiny" / "final")
     assert main(["eval", "--model", final, "--data", str(held_out), "--n", "2", "--temperature", "0.6"]) == 0
-    summary = json.loads((tmp_path / "tiny" / "eval" / "eval_summary.json").read_text())
+    summary = json.loads((tmp_path / "tiny" / "eval" / "final_summary.json").read_text())
     assert summary["n_problems"] == 6 and "pass@2" in summary
     assert summary["mean_response_length"] <= 128 - 1
 

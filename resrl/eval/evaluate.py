@@ -258,6 +258,7 @@ def evaluate(
                 [example.answer for example in batch for _ in range(n)],
                 truncated=[sample.truncated for sample in flat],
                 negative_reward=0.0,
+                rows=[example for example in batch for _ in range(n)],
             )
         ]
         if len(scores) != len(flat):

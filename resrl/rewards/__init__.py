@@ -1,9 +1,12 @@
-"""Verifiable rewards: answer extraction, time-limited math verification, length shaping, a registry."""
+"""Verifiable rewards: answer extraction, time-limited math verification, length shaping, a registry,
+and the user's own reward function named by a spec (``path/to/file.py:function``)."""
 
 from resrl.rewards.extract import extract_answer
 from resrl.rewards.registry import (
     BatchRewardFn,
+    RewardError,
     RewardFn,
+    ScoreFn,
     available_rewards,
     get_batch_reward,
     get_reward,
@@ -22,7 +25,9 @@ __all__ = [
     "MAX_ANSWER_CHARS",
     "BatchRewardFn",
     "BatchVerdicts",
+    "RewardError",
     "RewardFn",
+    "ScoreFn",
     "available_rewards",
     "extract_answer",
     "get_batch_reward",

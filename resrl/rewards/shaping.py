@@ -29,18 +29,22 @@ def length_scaled_reward(
 
 
 def score_responses(
-    samples, answers: list[str], reward_fn, algo
+    samples, answers: list[str], reward_fn, algo, *, rows: list | None = None
 ) -> tuple[list[float], list[bool], list[float]]:
     """A step's responses (`samples[p][j]`, `resrl.rollout.Sample`s of prompt p, ground truth
-    `answers[p]`) scored together by `reward_fn` (a batch reward: identical answers verified once,
-    verifier processes in parallel): (rewards, positive, reward before length scaling), flat.
+    `answers[p]`) scored together by `reward_fn` (`get_batch_reward`'s: identical answers verified
+    once, verifier processes in parallel): (rewards, positive, reward before length scaling), flat.
+    `rows[p]`, when given, is prompt p's `Example`, whose fields a reward may take as keywords.
     `algo` (an AlgorithmConfig) gives the negative reward and the length scaling."""
+    if rows is not None and len(rows) != len(samples):
+        raise ValueError(f"{len(samples)} prompts' samples but {len(rows)} rows: one row per prompt")
     flat = [(s, answer) for group, answer in zip(samples, answers, strict=True) for s in group]
     scores = reward_fn(
         [s.text for s, _ in flat],
         [answer for _, answer in flat],
         truncated=[s.truncated for s, _ in flat],
         negative_reward=algo.negative_reward,
+        rows=None if rows is None else [row for group, row in zip(samples, rows, strict=True) for _ in group],
     )
     rewards, positive, classes = [], [], []
     for (s, _), r in zip(flat, scores, strict=True):
