@@ -29,6 +29,8 @@ setup(
         "pyarrow",
         "tensorboard",
         "matplotlib",
+        # LoRA adapters (model.lora_rank > 0).
+        "peft>=0.17",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],

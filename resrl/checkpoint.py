@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from resrl import lora
 from resrl.config import Config, ConfigError, RunError, resume_changes
 from resrl.distributed import SINGLE, World, all_gather_objects
 from resrl.tracker import warn
@@ -84,6 +85,7 @@ def save(
     keep: int = 2,
     world: World = SINGLE,
     frozen: dict[str, nn.Module] | None = None,
+    trainable_only: bool = False,
 ) -> Path:
     """Checkpoint `step`: model and optimizer through torch.distributed.checkpoint (each rank writes
     its shards; loadable at another process count), `meta` (schedule, data position, RNG, history)
@@ -122,7 +124,7 @@ def save(
         _fsync_dir(root)
 
     def write_shards() -> None:
-        model_sd, optim_sd = get_state_dict(module, optimizer)
+        model_sd, optim_sd = _state(module, optimizer, trainable_only)
         state = {"model": model_sd, "optim": optim_sd}
         for key, frozen_module in (frozen or {}).items():
             state[key] = get_model_state_dict(frozen_module)
@@ -151,6 +153,25 @@ def save(
                 shutil.rmtree(old, ignore_errors=True)
     barrier(world)
     return final
+
+
+def _options(trainable_only: bool) -> StateDictOptions | None:
+    """What a checkpoint holds of the module: everything, or (a LoRA run: the base is a folder of
+    its own) the trainable parameters only, loaded back without touching the frozen ones."""
+    if not trainable_only:
+        return None
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _state(module: nn.Module, optimizer, trainable_only: bool) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts to save or to load into. `ignore_frozen_params` keeps a frozen
+    weight tied to another name (the LM head tied to the embedding), so the trainable names are
+    kept explicitly."""
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=_options(trainable_only))
+    if trainable_only:
+        keep = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in keep}
+    return model_sd, optim_sd
 
 
 def _on_main(work: Any, world: World) -> None:
@@ -344,19 +365,23 @@ def load(
     module: nn.Module,
     optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
     frozen: dict[str, nn.Module] | None = None,
+    trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Restore model, optimizer and the named `frozen` modules (resharded to this run's
     processes) in place; return the meta."""
     path = Path(path)
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path / META_FILE})")
-    model_sd, optim_sd = get_state_dict(module, optimizer)
+    options = _options(trainable_only)
+    model_sd, optim_sd = _state(module, optimizer, trainable_only)
     state = {"model": model_sd, "optim": optim_sd}
     for key, frozen_module in (frozen or {}).items():
         state[key] = get_model_state_dict(frozen_module)
     with _single_process():
         dcp.load(state, checkpoint_id=str(path / SHARDS), no_dist=not _dist_ready())
-    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
+    )
     for key, frozen_module in (frozen or {}).items():
         set_model_state_dict(frozen_module, state[key])
     return load_meta(path)
@@ -446,8 +471,12 @@ def export_hf(
         }
     else:
         held = next(model.parameters()).dtype
-        state = None if dtype in (None, held) else dict(model.state_dict())
+        adapted = lora.is_adapted(model)
+        state = None if dtype in (None, held) and not adapted else dict(model.state_dict())
     if state is not None:
+        if lora.is_adapted(model):
+            # LoRA: the merged weights W + (alpha/r) B A under the base model's names.
+            state = dict(lora.hf_tensors(state.items(), lora.scaling(model)))
         if getattr(model.config, "tie_word_embeddings", False):
             # Tied: the LM head is the embedding; save_pretrained stores it once.
             state.pop("lm_head.weight", None)

