@@ -115,9 +115,14 @@ def save(
             os.fsync(f.fileno())
 
     def publish() -> None:
+        # The same step saved again (the warm start's checkpoints are all step 0): the old folder
+        # is set aside, not deleted, until the new one is in place (`_restore_set_aside`).
+        old = root / f".{name}.old"
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         pointer_tmp = root / f".{POINTER}.tmp"
         pointer_tmp.write_text(name + "\n")
         os.replace(pointer_tmp, root / POINTER)
@@ -276,6 +281,15 @@ def damage(path: str | os.PathLike) -> str | None:
     return None
 
 
+def _restore_set_aside(root: Path) -> None:
+    """A save of a step already saved that crashed between setting the old folder aside and moving
+    the new one in: the old one goes back (it is complete)."""
+    for old in root.glob(".step_*.old"):
+        final = root / old.name.removeprefix(".").removesuffix(".old")
+        if not final.exists():
+            os.replace(old, final)
+
+
 def find_intact(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest intact checkpoint of a run (or None), and the damaged ones newer than it with
     what is wrong with each, newest first."""
@@ -299,6 +313,9 @@ def resume_point(run_dir: Path, cfg: Config, world: World = SINGLE) -> tuple[Pat
             _set_aside_previous_run(run_dir)
         barrier(world)
         return None, {}
+    if world.is_main:
+        _restore_set_aside(Path(run_dir) / "checkpoints")
+    barrier(world)
     found, damaged = find_intact(run_dir)
     barrier(world)
     if world.is_main:
