@@ -1,20 +1,48 @@
-"""Peak device memory of one ResRL step at real shapes, estimated on the CPU with fake tensors.
+"""Peak memory of one RL step at real shapes, estimated on the CPU with fake tensors.
 
 `resrl estimate --model qwen3-4b` runs the phases of a training step on a Qwen3-shaped model whose
 tensors have shapes but no data (`FakeTensorMode`), through the project's own forward
 (`resrl.distributed.Policy` over `forward_logprobs`, or bench/bench_step.py's `reference_forward`
 for the reference recipe's path: full fp32 logits and every layer's hidden states), and counts
-the bytes of live tensors with a dispatch-level tracker (`MemoryTracker`). The trainer's step
-itself is not pushed through: it reads metrics back to the host (`.item()`, `.tolist()`), which
-tensors without data cannot do. The phases, as `Trainer.train_step` runs them in a steady state
-(step 2 on: gradients and AdamW state from the previous step are still alive):
+the bytes of live tensors with a dispatch-level tracker (`MemoryTracker`), per rank, on the device
+and on the host. The trainer's step itself is not pushed through: it reads metrics back to the
+host (`.item()`, `.tolist()`), which tensors without data cannot do. The phases, as
+`Trainer.train_step` runs them in a steady state (step 2 on: gradients and AdamW state of the
+previous step are alive until the next optimizer step zeroes them):
 
+- load: the model built in fp32 on the CPU in every rank (`resrl.loading.load_model`), moved to
+  the GPU (without offload), then sharded; the frozen KL reference's build when there is one;
 - pre-pass: one micro-batch forward under no_grad with the subspace hidden state captured, while
-  the positive pool of every mixed group is held (the pre-pass visits positives first and keeps
-  their captured hidden states until the first negative), then one group's basis;
+  the positive pool of every mixed group of this rank is held (the pre-pass visits positives first
+  and keeps their captured hidden states until the first negative), the reference model's forward
+  when there is one, then one group's basis;
 - update: the forward and backward of one micro-batch (the LM head on response rows only, the
   loss formed inside the pass), with the gradients of earlier micro-batches alive;
 - optimizer: gradient clipping and the AdamW step (its state created on the first step).
+
+How the trainer holds the model (the mode follows `--dtype`, `--world-size`, `--offload`):
+- bf16 compute (`model.dtype=bfloat16`, or auto on CUDA), any number of processes: FSDP2
+  `fully_shard` per decoder block, then the root (`Policy`: embeddings, final norm, LM head),
+  `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`. Per rank: fp32 master shards,
+  fp32 gradient shards and two fp32 AdamW states, 16 bytes per trained parameter / world size,
+  stepped by the optimizer here as fake fp32 tensors (its foreach temporaries count). The
+  forward runs on bf16 compute copies, modelled by `_Fsdp` with hooks on the fake bf16 model: a
+  block's copy is gathered before its forward and freed after it, gathered again at its backward
+  (with several processes an all-gather buffer lives beside it: the forward keeps each until the
+  next unit's copy-out, the backward prefetches the block before); the root's copy is gathered
+  by the first forward and freed only at the end of a backward (FSDP2 never reshards its root
+  after a forward), so it lives through the pre-pass into the update. Each unit's gradients are formed in bf16, copied into one fp32 reduce-scatter
+  buffer (kept until the next unit's reduction), reduced, and added to the fp32 gradient shards.
+- `--offload` (`train.cpu_offload`): masters, gradients and AdamW state on the host, where the
+  optimizer step runs (for-loop AdamW); the device holds the compute copies, the reduce
+  buffers, activations and kernel workspaces. Host load: the whole fp32 model, built on the host
+  in every rank before sharding.
+- fp32 compute, one process, no offload: the plain module, fp32 weights + gradients + AdamW
+  (16 bytes per parameter), no compute copy. fp32 with several processes or offload: FSDP2
+  without a mixed-precision policy (fp32 compute copies).
+- `--kl-reference` (algorithm.kl_coef > 0, or ACE): a frozen copy sharded like the policy in the
+  compute dtype (2 bytes per parameter / world size, on the host with offload); its root's copy,
+  gathered by its first forward and never freed (no backward reshards it), stays on the device.
 
 Workspaces inside the kernels' custom ops are invisible to a tracker above `FakeTensorMode` (a
 fake implementation allocates only the outputs), so the tracker runs each op's own Python body
@@ -23,26 +51,40 @@ the real op (the forward's split partials, the backward's dz [N, VC] chunk and f
 accumulator, the chunked path's [C, V] logits) is counted. `subspace_basis` has a data-dependent
 rank; a shape-only stand-in allocates what it does with k = min(rank, M' - 1, D).
 
-What the estimate leaves out: the CUDA context, cuBLAS and attention-kernel workspaces, and the
-caching allocator's fragmentation (`--reserve` GiB stands for them in "fits"); the rollout
-engine (vLLM sleeps during these phases). Sequences are taken at full prompt + response length,
-the worst case for a peak. CPU offload (`--offload`, FSDP2 with parameters, gradients and AdamW
-state on the host) is modelled rather than run: the root module's parameters (embeddings, final
-norm, LM head) are unsharded on the device for the whole forward and backward with their
-gradients (bf16, then an fp32 reduce copy), and a fixed working set of decoder layers is on the
-device at a time (two layers' bf16 parameters, one layer's bf16 gradients and their fp32 reduce
-copy); the optimizer step runs on the host.
+What the estimate leaves out: the CUDA context, cuBLAS and attention-kernel workspaces, NCCL
+buffers, and the caching allocator's fragmentation (`--reserve` GiB stands for them in "fits");
+the rollout engine (vLLM sleeps during these phases); the process's own host memory (Python,
+libraries, a checkpoint read from disk). Sequences are taken at full prompt + response length,
+the worst case for a peak. FSDP2's buffers are modelled from its source (torch 2.13), not run:
+`measure_cpu` runs the real FSDP2 (a one-process gloo group, or rank 0 of a fake group of several
+processes), and the tests hold the two together within 1% (tests/test_estimate.py).
+
+`resrl estimate --json` prints one JSON object. For one model:
+    {"model": str, "params": int (trained parameters, tied embeddings once),
+     "mode": {"dtype", "world_size", "offload", "kl_reference", "sharding": "fsdp2" | "none",
+              "state_bytes_per_param": 16},
+     "batch": {the StepShape fields}, "capacity_gib": [float], "reserve_gib": float,
+     "path": "resrl", "device_peak_bytes": int, "host_peak_bytes": int,
+     "phases": {"load" | "prepass" | "update" | "optimizer": {"device_bytes": int, "host_bytes": int}},
+     "fits": {"<capacity_gib>": bool},
+     "paths": {"resrl" | "reference": {"device_peak_bytes", "host_peak_bytes", "phases", "fits"}}}
+The top-level figures are those of the trainer's path ("resrl") when it was estimated (else of
+the first path asked); `paths` holds every path estimated. Bytes are per rank; "device" is the
+GPU (the CPU itself for a CPU run). Several models: {"models": [one such object per model]}.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import importlib
+import json
 import math
 import sys
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from unittest import mock
 
@@ -58,12 +100,15 @@ _LL = importlib.import_module("kernels.linear_logprob")
 _FL = importlib.import_module("kernels.fused_loss")
 
 GIB = 2**30
-PHASES = ("prepass", "update", "optimizer")
+PHASES = ("load", "prepass", "update", "optimizer")
 PATHS = ("resrl", "reference")
+DTYPES = ("bfloat16", "float32")
 # What the CUDA caching allocator rounds every block up to.
 CUDA_BLOCK = 512
 # Streaming multiprocessors of an H100/H200 (SXM): how many vocabulary splits the forward kernel uses.
 HOPPER_SMS = 132
+# fp32 master weight, fp32 gradient, two fp32 AdamW states.
+STATE_BYTES = 16
 
 
 def _bench_step():
@@ -89,11 +134,11 @@ class StepShape:
     """The batch of one RL step (defaults: the qwen3-4b-math-resrl preset, the ResRL paper's recipe)."""
 
     prompts: int = 256
-    """Prompts per step (train.prompts_per_step)."""
+    """Prompts per step (train.prompts_per_step), over all ranks."""
     n: int = 4
     """Responses per prompt (rollout.n)."""
     mini_batch_prompts: int = 64
-    """Prompts per optimizer step (train.mini_batch_prompts)."""
+    """Prompts per optimizer step (train.mini_batch_prompts), over all ranks."""
     prompt_len: int = 2048
     """Prompt tokens (data.max_prompt_length); every sequence is taken at full length."""
     response_len: int = 4096
@@ -132,86 +177,172 @@ class StepShape:
             return max(1, self.micro_batch_tokens // self.seq_len)
         return self.micro_batch_size
 
+    def micro_batches_per_update(self, world_size: int = 1) -> int:
+        """Micro-batches of one rank per optimizer step."""
+        return math.ceil(self.mini_batch_prompts * self.n / world_size / self.seqs_per_micro_batch)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the trainer holds the model (module docstring); per rank."""
+
+    dtype: str = "bfloat16"
+    """Compute dtype (model.dtype)."""
+    world_size: int = 1
+    """Processes, one per GPU, over which FSDP2 shards."""
+    offload: bool = False
+    """train.cpu_offload: masters, gradients and AdamW state on the host."""
+    kl_reference: bool = False
+    """A frozen reference model (algorithm.kl_coef > 0, or ACE)."""
+    device: str = "cuda"
+    """"cuda": the Triton kernels' host code, foreach AdamW, 512-byte blocks; "cpu": the PyTorch
+    kernels, for-loop AdamW, exact bytes (what `measure_cpu` measures)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InputError(f"--dtype {self.dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
+        if self.world_size < 1:
+            raise InputError(f"--world-size must be >= 1, got {self.world_size}")
+        if self.device not in ("cuda", "cpu"):
+            raise InputError(f"device {self.device!r}: accepted cuda, cpu")
+
     @property
-    def micro_batches_per_update(self) -> int:
-        return math.ceil(self.mini_batch_prompts * self.n / self.seqs_per_micro_batch)
+    def sharded(self) -> bool:
+        return self.dtype != "float32" or self.world_size > 1 or self.offload
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def describe(self) -> str:
+        w = self.world_size
+        if self.device == "cuda":
+            ranks, where = f"{w} GPU{'s' * (w > 1)}", "the GPU"
+        else:
+            ranks, where = f"{w} CPU process{'es' * (w > 1)}", "the CPU"
+        where = "the host" if self.offload else where
+        if not self.sharded:
+            text = f"fp32 on {ranks}: plain module, weights, gradients and AdamW state (16 B/param)"
+        else:
+            text = (
+                f"{'bf16' if self.dtype == 'bfloat16' else 'fp32'} compute on {ranks}: FSDP2, fp32 master "
+                f"weights, gradients and AdamW state on {where} (16 B/param{f' / {w}' if w > 1 else ''})"
+            )
+        return text + (", a frozen KL reference (2 B/param)" if self.kl_reference else "")
 
 
 @dataclass
 class Estimate:
     model: str
     path: str
-    offload: bool
-    peaks: dict[str, int] = field(default_factory=dict)
-    """Peak live device bytes per phase."""
+    mode: Mode
+    params: int
+    device: dict[str, int] = field(default_factory=dict)
+    """Peak live device bytes per phase (per rank)."""
+    host: dict[str, int] = field(default_factory=dict)
+    """Peak live host bytes per phase (per rank): tensors the trainer places there."""
 
     @property
-    def peak(self) -> int:
-        return max(self.peaks.values())
+    def device_peak(self) -> int:
+        return max(self.device.values())
+
+    @property
+    def host_peak(self) -> int:
+        return max(self.host.values())
+
+    def fits(self, capacity_gib: float, reserve_gib: float) -> bool:
+        return self.device_peak <= (capacity_gib - reserve_gib) * GIB
+
+    def figures(self, capacities: list[float], reserve_gib: float) -> dict:
+        return {
+            "device_peak_bytes": self.device_peak,
+            "host_peak_bytes": self.host_peak,
+            "phases": {k: {"device_bytes": self.device[k], "host_bytes": self.host[k]} for k in PHASES},
+            "fits": {f"{c:g}": self.fits(c, reserve_gib) for c in capacities},
+        }
 
 
 # --------------------------------------------------------------------------- the tracker
 
 
 class MemoryTracker(TorchDispatchMode):
-    """Live bytes of tensor storages created by ops (and of tensors registered), and their peak.
+    """Live bytes of tensor storages on the device and on the host, and their peaks.
 
-    A storage counts from the op that creates it until its last reference dies (a weakref
-    finalizer on the storage). Registered storages with `count=False` (offloaded parameters) are
-    known but cost nothing. The kernels' custom ops run their own Python body here (see the
-    module docstring), so their workspaces count. Scalars read back to the host (value checks,
-    range checks) read as 1 or False: no allocation depends on them.
+    A storage counts from the op that creates it (on the device, or on the host inside
+    `on_host()`) until its last reference dies (a weakref finalizer on the storage); a registered
+    tensor with `where=None` (a compute copy whose bytes `_Fsdp` holds) costs nothing. `hold`
+    and `spike` add modelled bytes: held until released, or a transient at one moment. The
+    kernels' custom ops run their own Python body here (see the module docstring), so their
+    workspaces count. Scalars read back to the host (value checks, range checks) read as 1 or
+    False: no allocation depends on them.
     """
 
-    def __init__(self, round_to: int = 1) -> None:
+    def __init__(self, round_to: int = 1, workspaces: dict | None = None) -> None:
         super().__init__()
         self.round_to = round_to
-        self.live = 0
-        self.peak = 0
+        self.workspaces = _ATEN_WORKSPACE if workspaces is None else workspaces
+        self.live = {"device": 0, "host": 0}
+        self.peak = dict(self.live)
+        self.where = "device"
         self._refs: dict[int, weakref.ref] = {}
-        self.extra = 0
-        self.peaks: dict[str, int] = {}
-        """Peak bytes of each finished `phase`."""
+        self._holds: dict[object, tuple[str, int]] = {}
+        self.peaks: dict[str, dict[str, int]] = {}
+        """Peak bytes of each finished `phase`: {"device": ..., "host": ...}."""
 
     def bytes_of(self, nbytes: int) -> int:
         return -(-nbytes // self.round_to) * self.round_to if nbytes else 0
 
-    def register(self, t: torch.Tensor, count: bool = True) -> None:
+    def register(self, t: torch.Tensor, where: str | None = "device") -> None:
         st = t.untyped_storage()
         key = st._cdata
         if key in self._refs:
             return
-        n = self.bytes_of(st.nbytes()) if count else 0
+        n = self.bytes_of(st.nbytes()) if where else 0
+        account = where or "device"
 
-        def release(_ref, key=key, n=n):
+        def release(_ref, key=key, n=n, account=account):
             self._refs.pop(key, None)
-            self.live -= n
+            self.live[account] -= n
 
         self._refs[key] = weakref.ref(st, release)
-        self.live += n
+        self.live[account] += n
         self.mark()
 
     def mark(self) -> None:
-        self.peak = max(self.peak, self.live + self.extra)
+        for k, v in self.live.items():
+            self.peak[k] = max(self.peak[k], v)
 
-    def reset_peak(self) -> None:
-        self.peak = self.live + self.extra
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        self.reset_peak()
-        yield
-        self.peaks[name] = self.peak
-
-    @contextlib.contextmanager
-    def resident(self, nbytes: int) -> Iterator[None]:
-        """`nbytes` more on the device for the duration (a modelled working set)."""
-        self.extra += nbytes
+    def hold(self, key: object, nbytes: int, where: str = "device") -> None:
+        if key in self._holds:
+            return
+        self._holds[key] = (where, nbytes)
+        self.live[where] += nbytes
         self.mark()
+
+    def held(self, key: object) -> bool:
+        return key in self._holds
+
+    def release(self, key: object) -> None:
+        if key in self._holds:
+            where, nbytes = self._holds.pop(key)
+            self.live[where] -= nbytes
+
+    def spike(self, nbytes: int, where: str = "device") -> None:
+        self.peak[where] = max(self.peak[where], self.live[where] + nbytes)
+
+    @contextlib.contextmanager
+    def on_host(self, host: bool = True) -> Iterator[None]:
+        previous, self.where = self.where, ("host" if host else self.where)
         try:
             yield
         finally:
-            self.extra -= nbytes
+            self.where = previous
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.peak = dict(self.live)
+        yield
+        self.peaks[name] = dict(self.peak)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -226,10 +357,10 @@ class MemoryTracker(TorchDispatchMode):
             out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self.register(t)
-        workspace = _ATEN_WORKSPACE.get(func)
+                self.register(t, self.where)
+        workspace = self.workspaces.get(func)
         if workspace is not None:
-            self.peak = max(self.peak, self.live + self.extra + self.bytes_of(workspace(*args)))
+            self.spike(self.bytes_of(workspace(*args)), self.where)
         return out
 
 
@@ -245,6 +376,37 @@ _OP_BODIES: dict[object, Callable[[], Callable]] = {
 _ATEN_WORKSPACE: dict[object, Callable[..., int]] = {
     torch.ops.aten.logsumexp.default: lambda x, *rest: x.numel() * x.element_size(),
 }
+
+
+def _cpu_flash_attention(q, k, *rest) -> int:
+    """The per-thread buffers of ATen's CPU flash-attention forward (FlashAttentionKernel.cpp):
+    fp32 q·k tile, row max and sum, output tile; a bf16 copy of the q·k tile for bf16 inputs."""
+    qs = min(q.shape[2], 256 if q.shape[2] >= 768 else 64 if q.shape[2] >= 192 else 32)
+    ks = min(k.shape[2], 512)
+    per_thread = 4 * (qs * ks + 2 * qs + qs * q.shape[3]) + (
+        q.element_size() * qs * ks if q.element_size() < 4 else 0
+    )
+    return torch.get_num_threads() * per_thread
+
+
+# Only where the estimate is of a CPU run: on a GPU the attention kernels' workspaces are the reserve's.
+_CPU_WORKSPACE = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: _cpu_flash_attention}
+
+
+class _Allocator:
+    """The meter of a real run: phases as profiler ranges; `measure_cpu` reads the CPU allocator's
+    running total inside them. Registration and modelled bytes are the tracker's business."""
+
+    def register(self, t: torch.Tensor, where: str | None = "device") -> None:
+        pass
+
+    def on_host(self, host: bool = True):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        with torch.profiler.record_function(f"estimate:{name}"):
+            yield
 
 
 class _NoLaunch:
@@ -284,6 +446,141 @@ def _kernel_impl(impl: str) -> Iterator[None]:
         mock.patch.object(ll, "_accumulate_mm", lambda acc, a, b: None),
     ):
         yield
+
+
+# --------------------------------------------------------------------------- FSDP2, modelled
+
+
+def _shard_shape(p: torch.Tensor, world: int) -> tuple[int, ...]:
+    """FSDP2's shard of `p` on one rank: dim 0 split in `world` chunks, padded to equal ones."""
+    return (-(-p.shape[0] // world), *p.shape[1:]) if p.dim() else ()
+
+
+class _Fsdp:
+    """FSDP2 as the trainer applies it (module docstring), on a fake model in the compute dtype
+    whose parameters stand for the compute copies: hooks hold and release their bytes on the
+    tracker, and the fp32 shards the optimizer steps are fake tensors where the trainer keeps
+    them. Units: each decoder block, then the root (every other parameter)."""
+
+    def __init__(self, policy, meter: MemoryTracker, mode: Mode) -> None:
+        self.meter, self.mode, self.world = meter, mode, mode.world_size
+        self.place = "host" if mode.offload else "device"
+        layers = list(policy.model.model.layers)
+        in_layers = {id(p) for layer in layers for p in layer.parameters()}
+        root = [p for p in policy.parameters() if id(p) not in in_layers]
+        self.units = [list(layer.parameters()) for layer in layers] + [root]
+        self.root = len(layers)
+        compute = mode.compute_dtype.itemsize
+        padded = [[math.prod(_shard_shape(p, self.world)) * self.world for p in u] for u in self.units]
+        self.copy = [sum(meter.bytes_of(n * compute) for n in u) for u in padded]
+        self.reduce_in = [meter.bytes_of(4 * sum(u)) for u in padded]
+        self.reduce_out = [meter.bytes_of(4 * sum(u) // self.world) for u in padded]
+        # The gather's transients: the shard copied to the device (offload), cast to the compute
+        # dtype, and the all-gather's flat buffer (several processes).
+        self.gather = [
+            meter.bytes_of(
+                (4 * sum(u) // self.world if mode.offload else 0)
+                + (compute * sum(u) // self.world if compute != 4 else 0)
+                + (compute * sum(u) if self.world > 1 else 0)
+            )
+            for u in padded
+        ]
+        for p in policy.parameters():
+            meter.register(p, None)
+        for b in policy.buffers():
+            meter.register(b)
+        with meter.on_host(mode.offload):
+            self.shards = [
+                [torch.empty(_shard_shape(p, self.world), dtype=torch.float32) for p in u] for u in self.units
+            ]
+        if mode.kl_reference:
+            n = sum(math.prod(s.shape) for u in self.shards for s in u)
+            meter.hold("reference shards", meter.bytes_of(compute * n), self.place)
+            meter.hold("reference root", self.copy[self.root])
+        self._ready = [0] * len(self.units)
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(functools.partial(self._pre_forward, i))
+            layer.register_forward_hook(functools.partial(self._post_forward, i))
+            for p in layer.parameters():
+                p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, i))
+        policy.register_forward_pre_hook(lambda module, args: self._unshard(self.root, forward=True))
+        # The root's post-forward frees the last block's all-gather buffer.
+        policy.register_forward_hook(lambda module, args, out: self.meter.release("all-gather buffer"))
+
+    @property
+    def train(self) -> list[torch.Tensor]:
+        return [s for u in self.shards for s in u]
+
+    def _unshard(self, i: int, forward: bool = False) -> None:
+        """Unit i's compute copy, held until resharded. With several processes the all-gather
+        fills a flat buffer first: a prefetched unit holds it (same bytes) until its copy-out, and
+        in the forward each buffer is kept until the next unit's copy-out (to overlap the two)."""
+        m = self.meter
+        if m.held(("copy", i)):
+            if self.world > 1:
+                m.spike(self.copy[i])
+            return
+        if self.world == 1:
+            # The shard cast to the compute dtype, copied into the new compute copy.
+            m.hold(("copy", i), self.copy[i])
+            m.spike(self.gather[i])
+            return
+        # The cast shard copied into the flat buffer and gathered; then the copy-out beside it.
+        m.spike(self.gather[i])
+        m.hold(("copy", i), self.copy[i])
+        m.spike(self.copy[i])
+        if forward:
+            m.release("all-gather buffer")
+            m.hold("all-gather buffer", self.copy[i])
+
+    def _pre_forward(self, i: int, module, args) -> None:
+        # A checkpointed block's recomputation: its copy was gathered at its pre-backward.
+        if torch._C._current_graph_task_id() == -1:
+            self._unshard(i, forward=True)
+
+    def _post_forward(self, i: int, module, args, out) -> None:
+        if torch._C._current_graph_task_id() != -1:
+            return
+        self.meter.release(("copy", i))
+        if torch.is_grad_enabled():
+            grads = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            if grads:
+                grads[0].register_hook(lambda grad: self._pre_backward(i))
+
+    def _pre_backward(self, i: int) -> None:
+        self._unshard(i)
+        # The backward prefetches the block before (its all-gather; with one process the prefetch
+        # allocates nothing until that block's own pre-backward).
+        if self.world > 1 and i > 0:
+            self._unshard(i - 1)
+
+    def _grad_ready(self, i: int, p) -> None:
+        self._ready[i] += 1
+        if self._ready[i] == len(self.units[i]):
+            self._ready[i] = 0
+            self._post_backward(i)
+
+    def _post_backward(self, i: int) -> None:
+        """Reshard, then reduce: the unit's gradients copied into an fp32 buffer (the previous
+        unit's freed first), reduced into a new shard, added to the fp32 gradient shards."""
+        m = self.meter
+        m.release(("copy", i))
+        m.release("reduce-scatter input")
+        m.hold("reduce-scatter input", self.reduce_in[i])
+        for p in self.units[i]:
+            p.grad = None
+        m.spike(self.reduce_out[i])
+        if self.mode.offload:
+            m.spike(self.reduce_out[i], "host")
+        with m.on_host(self.mode.offload):
+            for s in self.shards[i]:
+                if s.grad is None:
+                    s.grad = torch.empty_like(s)
+
+    def end_backward(self) -> None:
+        """The root's post-backward and the release of the last reduce-scatter input."""
+        self._post_backward(self.root)
+        self.meter.release("reduce-scatter input")
 
 
 # --------------------------------------------------------------------------- the phases
@@ -328,8 +625,8 @@ def micro_batch(shape: StepShape, vocab: int) -> dict[str, torch.Tensor]:
     return batch.collate(list(range(s)), 0, torch.device("cpu"), packed=shape.micro_batch_tokens > 0)
 
 
-def _policy_inputs(t: dict[str, torch.Tensor]) -> tuple:
-    return (t["input_ids"], t.get("attention_mask"))
+def _forward(policy, t: dict, **kwargs) -> dict:
+    return policy(t["input_ids"], t.get("attention_mask"), position_ids=t.get("position_ids"), **kwargs)
 
 
 def _basis_standin(pool_MD: torch.Tensor, rank: int, max_tokens: int) -> torch.Tensor:
@@ -348,123 +645,122 @@ def _basis_standin(pool_MD: torch.Tensor, rank: int, max_tokens: int) -> torch.T
     return (b_LD[:k].T + q_DL[:, :k]).contiguous()
 
 
-def _prepass(policy, meter, shape: StepShape, t: dict, d: int, dtype: torch.dtype, need_old: bool):
-    """The pre-pass at its fullest: every positive micro-batch's captured hidden states held, then
-    the micro-batch that reaches the first negative, then one group's basis."""
+def _prepass(policy, meter, shape: StepShape, t: dict, d: int, dtype: torch.dtype, mode: Mode) -> None:
+    """The pre-pass at its fullest: every positive micro-batch's captured hidden states of this
+    rank held, then the micro-batch that reaches the first negative (the reference model's forward
+    after the policy's), then one group's basis."""
     s = shape.seqs_per_micro_batch
-    positives = shape.prompts * shape.positives if 0 < shape.positives < shape.n else 0
+    need_old = shape.prompts > shape.mini_batch_prompts
+    mixed = 0 < shape.positives < shape.n
+    positives = math.ceil(shape.prompts / mode.world_size) * shape.positives if mixed else 0
     pools = [torch.empty(s * shape.response_len, d, dtype=dtype) for _ in range(positives // s)]
     for p in pools:
         meter.register(p)
     with torch.no_grad():
-        out = policy(
-            *_policy_inputs(t),
-            position_ids=t.get("position_ids"),
+        out = _forward(
+            policy,
+            t,
             positions=t["positions"],
-            subspace_layer="penultimate" if positives else None,
+            subspace_layer="penultimate" if mixed else None,
             logprobs=need_old,
         )
-        if positives:
+        if mode.kl_reference:
+            # The frozen copy's forward has the policy's shapes: the same fake model runs it.
+            ref = _forward(policy, t, positions=t["positions"])
+            del ref
+        if mixed:
             group_pool = torch.cat([out["sub_hidden"][: shape.response_len]] * shape.positives)
             basis = _basis_standin(group_pool, shape.subspace_rank, shape.subspace_max_tokens)
             del group_pool, basis
     del pools, out
 
 
-def _update(policy, t: dict) -> None:
+def _update(policy, t: dict, fsdp: _Fsdp | None) -> None:
     """One micro-batch forward and backward through the loss formed inside the LM-head pass."""
     from resrl.algorithms import PolicyTokenLoss
 
     m = t["positions"].shape[0]
     token_loss = PolicyTokenLoss(torch.ones(m), torch.full((m,), 1.0 / m), sample_logprob=torch.zeros(m))
     policy.train()
-    out = policy(
-        *_policy_inputs(t),
-        position_ids=t.get("position_ids"),
-        positions=t["positions"],
-        return_entropy=True,
-        token_loss=token_loss,
-    )
+    out = _forward(policy, t, positions=t["positions"], return_entropy=True, token_loss=token_loss)
     out["loss"].backward()
     del out
-
-
-def _optimizer(policy, optimizer: torch.optim.Optimizer) -> None:
-    params = [p for p in policy.parameters() if p.requires_grad]
-    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=optimizer.defaults.get("foreach"))
-    optimizer.step()
-
-
-def _layer_bytes(model, dtype: torch.dtype) -> int:
-    layer = model.model.layers[0]
-    return sum(p.numel() for p in layer.parameters()) * torch.tensor([], dtype=dtype).element_size()
-
-
-class _Allocator:
-    """The meter of a real run: phases as profiler ranges; `measure_cpu` reads the CPU allocator's
-    running total inside them. Registration and modelled residency are the tracker's business."""
-
-    def register(self, t: torch.Tensor, count: bool = True) -> None:
-        pass
-
-    def resident(self, nbytes: int):
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        with torch.profiler.record_function(f"estimate:{name}"):
-            yield
+    if fsdp is not None:
+        fsdp.end_backward()
 
 
 def run_phases(
-    model, policy, meter, shape: StepShape, inputs: dict[str, torch.Tensor], *, foreach: bool, offload: bool
+    policy,
+    meter,
+    shape: StepShape,
+    inputs: dict[str, torch.Tensor],
+    mode: Mode,
+    *,
+    train: list[torch.Tensor],
+    fsdp: _Fsdp | None = None,
 ) -> None:
-    """The three phases on `policy` (fake or real tensors) in a steady state, each inside
+    """The step's phases on `policy` (fake or real tensors) in a steady state, each inside
     `meter.phase(name)`: the optimizer step first (it creates the AdamW state every later phase
-    lives with), then the pre-pass, then one update micro-batch."""
-    params = [p for p in policy.parameters() if p.requires_grad]
-    dtype = params[0].dtype
-    d = model.config.hidden_size
-    need_old = shape.prompts > shape.mini_batch_prompts
-    layers = {id(p) for p in model.model.layers.parameters()}
-    if offload:
-        # Root parameters stay unsharded on the device through the step; layers' come and go.
-        for p in policy.parameters():
-            meter.register(p, count=id(p) not in layers)
-        for p in model.model.layers.parameters():
-            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-        layer = _layer_bytes(model, dtype)
-        with meter.phase("optimizer"):
-            pass
-        with meter.phase("prepass"), meter.resident(2 * layer):
-            _prepass(policy, meter, shape, inputs, d, dtype, need_old)
-        # Two layers' parameters, one layer's gradients in bf16 and their fp32 reduce copy.
-        with meter.phase("update"), meter.resident(2 * layer + 3 * layer):
-            _update(policy, inputs)
-            # The root's gradients are reduced in fp32 at the end of the backward, then offloaded.
-            root_grads = [p.grad.float() for p in policy.parameters() if p.grad is not None]
-            del root_grads
-        return
-
-    for p in policy.parameters():
-        meter.register(p)
-    # Steady state: the gradients and AdamW state of the previous step exist. The first
-    # optimizer step creates the state; its peak is that of every later step.
-    for p in params:
-        p.grad = torch.zeros_like(p)
-        meter.register(p.grad)
-    optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.1, foreach=foreach)
-    with meter.phase("optimizer"):
-        _optimizer(policy, optimizer)
+    lives with), then the pre-pass, then one update micro-batch. `train`: what the optimizer
+    steps (the parameters, or the fp32 shards `fsdp` models), with their gradients of a step."""
+    cpu_step = mode.offload or mode.device == "cpu"
+    with meter.on_host(mode.offload):
+        for p in train:
+            p.grad = torch.zeros_like(p)
+            meter.register(p.grad, "host" if mode.offload else "device")
+    optimizer = torch.optim.AdamW(train, lr=1e-6, weight_decay=0.1, foreach=not cpu_step)
+    with meter.phase("optimizer"), meter.on_host(mode.offload):
+        torch.nn.utils.clip_grad_norm_(train, 1.0, foreach=not cpu_step)
+        optimizer.step()
+    d = policy.model.config.hidden_size
     with meter.phase("prepass"):
-        _prepass(policy, meter, shape, inputs, d, dtype, need_old)
+        _prepass(policy, meter, shape, inputs, d, mode.compute_dtype, mode)
     # A later micro-batch of the mini-batch: the earlier ones' gradients are alive (the first
     # micro-batch starts from none: zero_grad(set_to_none=True)).
-    if shape.micro_batches_per_update == 1:
-        for p in params:
+    if shape.micro_batches_per_update(mode.world_size) == 1:
+        for p in train:
             p.grad = None
     with meter.phase("update"):
-        _update(policy, inputs)
+        _update(policy, inputs, fsdp)
+
+
+def _load(tracker: MemoryTracker, dims: dict, shape: StepShape, mode: Mode) -> dict[str, int]:
+    """The load phase: the model built in fp32 on the CPU as `resrl.loading.load_model` builds it
+    from a config (run on fake tensors, measured), then moved to the GPU (no offload), then
+    sharded unit after unit (FSDP2 copies a unit's parameters into their padded shards, then frees
+    the whole ones; counted). With a reference model, its build at the first step: a second
+    whole model (fp32 on the host; in the compute dtype once moved to the GPU) beside the
+    policy's master shards, before any AdamW state."""
+    gpu = mode.device == "cuda"
+    with tracker.phase("load"), tracker.on_host(gpu):
+        net = _qwen3(dims, torch.float32, shape)
+    out = dict(tracker.peaks["load"])
+    params = list(net.parameters())
+    fp32 = sum(tracker.bytes_of(4 * p.numel()) for p in params)
+    built = out["host" if gpu else "device"]
+    if not mode.sharded:
+        if gpu:
+            out["device"] = fp32
+        if mode.kl_reference:
+            # The plain module's frozen copy, built beside it.
+            out["device"] = max(out["device"], fp32 + built)
+        return out
+    where = "host" if mode.offload and gpu else "device"
+    layers = [list(layer.parameters()) for layer in net.model.layers]
+    in_layers = {id(p) for u in layers for p in u}
+    live = peak = fp32
+    for unit in [*layers, [p for p in params if id(p) not in in_layers]]:
+        shards = sum(tracker.bytes_of(4 * math.prod(_shard_shape(p, mode.world_size))) for p in unit)
+        peak = max(peak, live + shards)
+        live += shards - sum(tracker.bytes_of(4 * p.numel()) for p in unit)
+    out[where] = max(out[where], peak)
+    if mode.kl_reference:
+        if where == "device":
+            compute = sum(tracker.bytes_of(mode.compute_dtype.itemsize * p.numel()) for p in params)
+            out["device"] = max(out["device"], live + compute + compute // mode.world_size)
+        else:
+            out[where] = max(out[where], live + built)
+    return out
 
 
 def _dims(model: str | dict) -> dict:
@@ -476,55 +772,125 @@ def _dims(model: str | dict) -> dict:
 
 
 def estimate(
-    model: str | dict,
-    shape: StepShape,
-    *,
-    path: str = "resrl",
-    offload: bool = False,
-    target: str = "gpu",
+    model: str | dict, shape: StepShape, *, path: str = "resrl", mode: Mode | None = None
 ) -> Estimate:
-    """Peak device bytes per phase of one step, from fake tensors. `model`: a name of
-    bench_step's MODELS or such a dict of dimensions. `target` "gpu": bf16, the Triton kernels'
-    host code, foreach AdamW, CUDA's 512-byte blocks; "cpu": fp32, the PyTorch kernels, for-loop
-    AdamW, exact bytes (what `measure_cpu` measures on real tensors)."""
+    """Peak device and host bytes per phase of one step on one rank, from fake tensors. `model`:
+    a name of bench_step's MODELS or such a dict of dimensions; `mode`: how the trainer holds it
+    (default: bf16 on one GPU)."""
     if path not in PATHS:
         raise InputError(f"unknown path {path!r}; accepted: {', '.join(PATHS)}")
     from resrl.distributed import Policy
 
+    mode = mode or Mode()
     dims = _dims(model)
-    gpu = target == "gpu"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    result = Estimate(model if isinstance(model, str) else "custom", path, offload)
+    gpu = mode.device == "cuda"
     inputs = micro_batch(shape, dims["vocab"])
     with _kernel_impl("triton" if gpu else "torch"), FakeTensorMode(allow_non_fake_inputs=True):
-        net = _qwen3(dims, dtype, shape)
+        net = _qwen3(dims, mode.compute_dtype, shape)
         policy = Policy(net, forward_fn=_bench_step().reference_forward if path == "reference" else None)
-        tracker = MemoryTracker(CUDA_BLOCK if gpu else 1)
+        tracker = (
+            MemoryTracker(CUDA_BLOCK) if gpu else MemoryTracker(1, {**_ATEN_WORKSPACE, **_CPU_WORKSPACE})
+        )
         with tracker:
-            run_phases(net, policy, tracker, shape, inputs, foreach=gpu, offload=offload)
-    result.peaks = tracker.peaks
-    return result
+            if mode.sharded:
+                fsdp = _Fsdp(policy, tracker, mode)
+                train = fsdp.train
+            else:
+                fsdp, train = None, [p for p in policy.parameters() if p.requires_grad]
+                for t in [*policy.parameters(), *policy.buffers()]:
+                    tracker.register(t)
+                if mode.kl_reference:
+                    tracker.hold("reference", sum(tracker.bytes_of(4 * p.numel()) for p in train))
+            run_phases(policy, tracker, shape, inputs, mode, train=train, fsdp=fsdp)
+        loader = MemoryTracker(tracker.round_to)
+        with loader:
+            tracker.peaks["load"] = _load(loader, dims, shape, mode)
+    peaks = tracker.peaks
+    return Estimate(
+        model if isinstance(model, str) else "custom",
+        path,
+        mode,
+        sum(p.numel() for p in policy.parameters()),
+        device={k: peaks[k]["device"] for k in PHASES},
+        host={k: peaks[k]["host"] for k in PHASES},
+    )
 
 
-def measure_cpu(model: str | dict, shape: StepShape, *, path: str = "resrl") -> dict[str, int]:
-    """The same phases on real fp32 tensors on the CPU, no offload: the peak per phase of the CPU
-    allocator's running total of live bytes, read from the profiler's allocation events (every
-    allocation of the process, inside the kernels' ops too; the model is built inside the
-    profiled region, so the total starts from it)."""
+@contextlib.contextmanager
+def _process_group(world_size: int) -> Iterator[None]:
+    """A one-process gloo group (in-memory store), as the trainer makes for FSDP2 in one process;
+    for `world_size` > 1, rank 0 of torch's fake process group (collectives that move no data):
+    every allocation of that rank is real, the values are not."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if world_size == 1 and dist.get_world_size() == 1:
+            yield
+            return
+        raise RuntimeError(
+            f"measure_cpu(world_size={world_size}) makes its own process group, but one of "
+            f"{dist.get_world_size()} processes is already initialized"
+        )
+    if world_size == 1:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _fully_shard(policy, bf16: bool) -> None:
+    """FSDP2 as the trainer applies it: each decoder block, then the root; bf16 compute with fp32
+    reduction when `bf16`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = (
+        {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+        if bf16
+        else {}
+    )
+    for layer in policy.model.model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(policy, **kwargs)
+
+
+def measure_cpu(
+    model: str | dict, shape: StepShape, *, path: str = "resrl", dtype: str = "float32", world_size: int = 1
+) -> dict[str, int]:
+    """The same phases on real tensors on the CPU, no offload, in the trainer's mode for `dtype`
+    and `world_size` (fp32 in one process: the plain module; else FSDP2, bf16 compute with fp32
+    masters for bf16, on a one-process gloo group, or as rank 0 of a fake group of `world_size`):
+    the peak per phase of the CPU allocator's running total of live bytes, read from the
+    profiler's allocation events (every allocation of the process, inside the kernels' ops and
+    FSDP2 too; the model is built inside the profiled region, so the total starts from it)."""
     from torch._C._profiler import _EventType
 
     from resrl.distributed import Policy
 
+    mode = Mode(dtype=dtype, world_size=world_size, device="cpu")
     dims = _dims(model)
     inputs = micro_batch(shape, dims["vocab"])
+    meter = _Allocator()
+    # FSDP2's state holds reference cycles: an earlier measurement's model must be gone first.
+    gc.collect()
     with (
         _kernel_impl("torch"),
+        _process_group(world_size) if mode.sharded else contextlib.nullcontext(),
         torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
     ):
-        net = _qwen3(dims, torch.float32, shape)
-        policy = Policy(net, forward_fn=_bench_step().reference_forward if path == "reference" else None)
-        run_phases(net, policy, _Allocator(), shape, inputs, foreach=False, offload=False)
-        del policy, net
+        with meter.phase("load"):
+            net = _qwen3(dims, torch.float32, shape)
+            policy = Policy(net, forward_fn=_bench_step().reference_forward if path == "reference" else None)
+            if mode.sharded:
+                _fully_shard(policy, mode.dtype == "bfloat16")
+        train = [p for p in policy.parameters() if p.requires_grad]
+        run_phases(policy, meter, shape, inputs, mode, train=train)
+        del policy, net, train
+        gc.collect()
     allocations, ranges = [], {}
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -547,27 +913,63 @@ def measure_cpu(model: str | dict, shape: StepShape, *, path: str = "resrl") -> 
 # --------------------------------------------------------------------------- the command
 
 
-def table(rows: list[Estimate], gpu_gib: float, reserve_gib: float) -> str:
-    budget = gpu_gib - reserve_gib
+def table(rows: list[Estimate], capacities: list[float], reserve_gib: float) -> str:
+    """GiB per rank: the device's peak per phase, the device and host peaks, and whether the device
+    peak fits each capacity less the reserve."""
+    caps = [f"{c:g} GiB ({c - reserve_gib:g} usable)" for c in capacities]
     lines = [
-        f"{'path':<10} {'offload':<8} {'prepass':>9} {'update':>9} {'optimizer':>10} {'peak GiB':>9}  fits {gpu_gib:g} GiB"
+        f"{'path':<10} {'load':>6} {'prepass':>8} {'update':>8} {'optimizer':>9} {'device':>7} {'host':>7}  "
+        + "  ".join(f"fits {c}" for c in caps)
     ]
     for r in rows:
-        gib = {k: v / GIB for k, v in r.peaks.items()}
-        fits = "yes" if r.peak / GIB <= budget else "no"
+        gib = {k: v / GIB for k, v in r.device.items()}
+        fits = "  ".join(
+            f"{'yes' if r.fits(c, reserve_gib) else 'no':<{len(cap) + 5}}"
+            for c, cap in zip(capacities, caps, strict=True)
+        )
         lines.append(
-            f"{r.path:<10} {'yes' if r.offload else 'no':<8} {gib['prepass']:>9.1f} {gib['update']:>9.1f} "
-            f"{gib['optimizer']:>10.1f} {r.peak / GIB:>9.1f}  {fits}"
+            f"{r.path:<10} {gib['load']:>6.1f} {gib['prepass']:>8.1f} {gib['update']:>8.1f} {gib['optimizer']:>9.1f} "
+            f"{r.device_peak / GIB:>7.1f} {r.host_peak / GIB:>7.1f}  {fits}".rstrip()
         )
     return "\n".join(lines)
 
 
+def _report(
+    name: str, rows: list[Estimate], shape: StepShape, capacities: list[float], reserve: float
+) -> dict:
+    top = next((r for r in rows if r.path == "resrl"), rows[0])
+    m = top.mode
+    return {
+        "model": name,
+        "params": top.params,
+        "mode": {
+            "dtype": m.dtype,
+            "world_size": m.world_size,
+            "offload": m.offload,
+            "kl_reference": m.kl_reference,
+            "sharding": "fsdp2" if m.sharded else "none",
+            "state_bytes_per_param": STATE_BYTES,
+        },
+        "batch": asdict(shape),
+        "capacity_gib": capacities,
+        "reserve_gib": reserve,
+        "path": top.path,
+        **top.figures(capacities, reserve),
+        "paths": {r.path: r.figures(capacities, reserve) for r in rows},
+    }
+
+
 def main(args) -> int:
-    """`resrl estimate`: both paths, as one table (seconds to a minute or two per path)."""
-    if args.model not in model_names():
-        raise InputError(f"--model {args.model!r} is unknown; accepted: {', '.join(model_names())}")
-    if args.reserve >= args.gpu_mem:
-        raise InputError(f"--reserve {args.reserve:g} GiB must be below --gpu-mem {args.gpu_mem:g} GiB")
+    """`resrl estimate`: the paths of each model, as one table per model, or one JSON object."""
+    for name in args.model:
+        if name not in model_names():
+            raise InputError(f"--model {name!r} is unknown; accepted: {', '.join(model_names())}")
+    paths = [p for p in args.paths.split(",") if p]
+    if not paths or any(p not in PATHS for p in paths):
+        raise InputError(f"--paths {args.paths!r}: a comma-separated list of {', '.join(PATHS)}")
+    capacities = list(args.gpu_mem)
+    if args.reserve >= min(capacities):
+        raise InputError(f"--reserve {args.reserve:g} GiB must be below --gpu-mem {min(capacities):g} GiB")
     shape = StepShape(
         prompts=args.prompts,
         n=args.n,
@@ -579,12 +981,29 @@ def main(args) -> int:
         positives=args.positives if args.positives is not None else args.n // 2,
         gradient_checkpointing=not args.no_checkpointing,
     )
-    print(
-        f"{args.model}: {shape.prompts} prompts x {shape.n}, {shape.prompt_len}+{shape.response_len} tokens, "
-        f"{shape.seqs_per_micro_batch} sequences per micro-batch, bf16, "
-        f"{'CPU offload' if args.offload else 'one GPU, no offload'}; estimated with fake tensors",
-        flush=True,
+    if shape.mini_batch_prompts % args.world_size:
+        raise InputError(
+            f"--mini-batch-prompts {shape.mini_batch_prompts} must be a multiple of --world-size {args.world_size}"
+        )
+    mode = Mode(
+        dtype=args.dtype, world_size=args.world_size, offload=args.offload, kl_reference=args.kl_reference
     )
-    rows = [estimate(args.model, shape, path=p, offload=args.offload) for p in PATHS]
-    print(table(rows, args.gpu_mem, args.reserve))
+    reports = []
+    for name in args.model:
+        if not args.json:
+            print(
+                f"{name}: {shape.prompts} prompts x {shape.n}, {shape.prompt_len}+{shape.response_len} tokens, "
+                f"{shape.seqs_per_micro_batch} sequence{'s' * (shape.seqs_per_micro_batch > 1)} per micro-batch; {mode.describe()}; "
+                "estimated with fake tensors",
+                flush=True,
+            )
+        rows = [estimate(name, shape, path=p, mode=mode) for p in paths]
+        reports.append(_report(name, rows, shape, capacities, args.reserve))
+        if not args.json:
+            print(
+                f"{rows[0].params / 1e9:.2f} B trained parameters; GiB per rank, device per phase, then peaks"
+            )
+            print(table(rows, capacities, args.reserve), flush=True)
+    if args.json:
+        print(json.dumps(reports[0] if len(reports) == 1 else {"models": reports}))
     return 0
