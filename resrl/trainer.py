@@ -30,6 +30,7 @@ from resrl.distributed import (
 from resrl.guards import check_finite, stop_if_not_finite
 from resrl.loading import PromptSampler, compute_dtype, load_model, load_task, resolve_device
 from resrl.objectives import after_prepass, needs_old_logprobs, uses_reference
+from resrl.optim import build_optimizer
 from resrl.prepass import prepass
 from resrl.r2po import R2PO
 from resrl.ranks import check_world, gather_rollouts, mean_over_ranks, rank_share
@@ -115,9 +116,7 @@ class Trainer(RunState):
         # The policy's parameters only: R²PO's head has its own optimizer (resrl.r2po).
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
-        )
+        self.optimizer = build_optimizer(params, o)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / o.warmup_steps) if o.warmup_steps else 1.0
         )

@@ -273,3 +273,11 @@ def test_unsafe_keys_still_refused():
     saved = resolve("tiny").to_dict()
     with pytest.raises(ConfigError, match="optim.lr"):
         resume_changes(saved, resolve("tiny", overrides=["optim.lr=1e-2"]), "ckpt")
+
+
+def test_optim_name_never_changes_on_resume():
+    """Another optimizer's state does not load into this one's: refused even with force."""
+    saved = resolve("tiny").to_dict()
+    forced = resolve("tiny", overrides=["optim.name=adamw8bit", "run.resume=force"])
+    with pytest.raises(ConfigError, match="optim.name differs .* format of the saved optimizer state"):
+        resume_changes(saved, forced, "ckpt")
