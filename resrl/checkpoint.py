@@ -1,18 +1,31 @@
-"""Checkpoints that survive a crash during the save, and resume.
+"""Checkpoints that survive a crash during the save, hold data only, and resume.
 
 Layout under the run directory::
 
-    checkpoints/step_000020/shards/      model + optimizer, torch.distributed.checkpoint format
-    checkpoints/step_000020/meta.pt      step, schedule, data position, RNG, history, config
+    checkpoints/step_000020/shards/      model + optimizer, torch.distributed.checkpoint (DCP) format
+    checkpoints/step_000020/meta.json    step, schedule, data position, RNG, history, config, and
+                                         the size and checksum (CRC-32) of every shard file
     checkpoints/latest                   the name of the newest complete one
 
 A save writes into a hidden temporary folder, flushes it, renames it into place and only then moves
 the `latest` pointer (write-then-rename, atomic on POSIX). A crash at any point leaves the previous
 checkpoint and pointer as they were; the next save removes the leftover. A save that fails (a full
-disk) removes its temporary folder and says how much space is left. `meta.pt` lists every shard
-file with its size, so a checkpoint damaged later (a truncated file) is found before loading
-(`find_intact`) and the run resumes from the newest intact one. The shards are written per rank
+disk) removes its temporary folder and says how much space is left. The shards are written per rank
 and resharded on load, so a run saved at N processes resumes at M.
+
+Nothing in a run directory runs as code (README, "What a checkpoint may contain"). `meta.json` is
+JSON; tuples and tensors (the RNG states) are tagged in it so that they come back exactly. DCP
+pickles its index (`shards/.metadata`) and the non-tensor values in the shards (the optimizer's
+hyperparameters), and reads them with `pickle.load` and `torch.load(weights_only=False)`, which run
+whatever a pickle names. Here the index is read by an unpickler that admits only the classes an index
+holds, and those values by torch's weights-only unpickler; a file that names anything else is refused
+in one line (`CheckpointRefused`) with nothing in it run. The pickled `meta.pt` of earlier versions
+is refused unopened.
+
+Damage is caught before it is trained on: `damage` compares every file with the size and checksum
+recorded when it was saved (and `meta.json` with its own checksum); `resume_point` moves a damaged
+checkpoint aside with a warning and resumes from the newest intact one; `load` verifies a checkpoint
+that did not come through `resume_point`.
 """
 
 from __future__ import annotations
@@ -20,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import random
 import shutil
 import time
@@ -33,6 +45,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -42,15 +55,34 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from resrl import lora
+from resrl.checkpoint_format import (
+    CHECKSUM,
+    CheckpointRefused,
+    IndexReader,
+    NotAnIndex,
+    WeightsOnlyPlanner,
+    file_checksums,
+    from_json,
+    json_checksum,
+    read_index,
+    to_json,
+)
 from resrl.config import Config, ConfigError, RunError, resume_changes
 from resrl.distributed import SINGLE, World, all_gather_objects
 from resrl.tracker import warn
 
-META_FILE = "meta.pt"
+META_FILE = "meta.json"
+# The pickled meta file of checkpoints written before meta.json: refused, never opened.
+OLD_META_FILE = "meta.pt"
 SHARDS = "shards"
+INDEX = f"{SHARDS}/.metadata"
 POINTER = "latest"
-# meta.pt's entry listing the shard files and their sizes in bytes.
-FILES = "files"
+# meta.json's layout. A checkpoint of another format is refused, not guessed at.
+FORMAT = 1
+
+
+class _Damaged(Exception):
+    """What is wrong with a checkpoint folder, relative to it (for `damage`)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,15 +120,18 @@ def save(
     trainable_only: bool = False,
 ) -> Path:
     """Checkpoint `step`: model and optimizer through torch.distributed.checkpoint (each rank writes
-    its shards; loadable at another process count), `meta` (schedule, data position, RNG, history)
-    and the list of shard files with their sizes from rank 0. `frozen` modules (the KL reference)
-    are saved beside the model under their names. Point `latest` at it and keep the newest `keep`.
-    Called by every rank. A failed write (a full disk) removes the temporary folder and raises
-    RunError naming the path and the free space, on every rank."""
+    its shards; loadable at another process count), `meta` (schedule, data position, RNG, history:
+    None, bools, numbers, strings, lists, tuples, dicts and tensors) and the size and checksum of
+    every shard file, in meta.json from rank 0. `frozen` modules (the KL reference) are saved beside
+    the model under their names. Point `latest` at it and keep the newest `keep`. Called by every
+    rank. A failed write (a full disk) removes the temporary folder and raises RunError naming the
+    path and the free space, on every rank."""
     root = Path(run_dir) / "checkpoints"
     name = f"step_{step:06d}"
     tmp = root / f".{name}.tmp"
     final = root / name
+    # Before anything is written: a value JSON cannot hold fails here, on every rank.
+    encoded = to_json(meta, "meta")
 
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -107,10 +142,12 @@ def save(
 
     def write_meta() -> None:
         # Every rank's shards are written once dcp.save has returned (it ends with a collective).
-        shards = (p for p in (tmp / SHARDS).rglob("*") if p.is_file())
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in shards}
-        with open(tmp / META_FILE, "wb") as f:
-            torch.save({**meta, FILES: files}, f)
+        shards = [str(p.relative_to(tmp)) for p in (tmp / SHARDS).rglob("*") if p.is_file()]
+        sums = file_checksums(tmp, shards)
+        files = {rel: {"bytes": (tmp / rel).stat().st_size, CHECKSUM: sums[rel]} for rel in sorted(shards)}
+        body = {"format": FORMAT, "files": files, "meta": encoded}
+        with open(tmp / META_FILE, "w", encoding="ascii") as f:
+            f.write(json.dumps({**body, CHECKSUM: json_checksum(body)}, indent=1) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -144,7 +181,7 @@ def save(
     except (Exception, CheckpointException) as e:
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        cause = _os_error(e)
+        cause = _cause(e, OSError)
         if cause is None:
             raise
         raise RunError(
@@ -215,9 +252,9 @@ def _single_process() -> Iterator[None]:
         yield
 
 
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind a failed save: raised directly, chained, or one rank's failure inside the
-    CheckpointException that torch.distributed.checkpoint raises."""
+def _cause(e: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The exception of type `kind` behind a failed save or load: raised directly, chained, or one
+    rank's failure inside the CheckpointException that torch.distributed.checkpoint raises."""
     seen = set()
     todo = [e]
     while todo:
@@ -225,7 +262,7 @@ def _os_error(e: BaseException) -> OSError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError):
+        if isinstance(e, kind):
             return e
         if isinstance(e, CheckpointException):
             todo.extend(failure for failure, _ in e.failures.values())
@@ -247,6 +284,76 @@ def _free_space(path: Path) -> str:
     return f"{free:.0f} bytes" if unit == "bytes" else f"{free:.1f} {unit}"
 
 
+# ---------------------------------------------------------------------------- meta.json and the index
+
+
+def _read_meta_file(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """A checkpoint's file list ({relative path: {"bytes", CHECKSUM}}) and meta, from meta.json.
+    Raises CheckpointRefused for the pickled meta.pt of earlier versions (unopened) and for another
+    format, _Damaged when meta.json is missing, is not JSON or does not match its checksum."""
+    if (path / OLD_META_FILE).exists():
+        raise CheckpointRefused(
+            f"{path / OLD_META_FILE}: a pickled meta file (resrl's checkpoint format before "
+            f"{META_FILE}), which could run code when opened; this resrl reads {META_FILE} only and did "
+            "not open it. Finish that run with the resrl version that wrote it, or start over with "
+            "run.resume=false (the old run is moved aside, not deleted)"
+        )
+    file = path / META_FILE
+    if not file.is_file():
+        raise _Damaged(f"{META_FILE} is missing")
+    try:
+        content = json.loads(file.read_bytes())
+        body = {key: content[key] for key in ("format", "files", "meta")}
+        saved = content[CHECKSUM]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _Damaged(f"{META_FILE} is unreadable ({_first_line(e)})") from e
+    if json_checksum(body) != saved:
+        raise _Damaged(f"{META_FILE} does not match its checksum (changed since it was saved)")
+    if body["format"] != FORMAT:
+        raise CheckpointRefused(
+            f"{file}: checkpoint format {body['format']!r}; this resrl reads format {FORMAT} only"
+        )
+    try:
+        files = {
+            rel: {"bytes": int(f["bytes"]), CHECKSUM: str(f[CHECKSUM])} for rel, f in body["files"].items()
+        }
+        return files, from_json(body["meta"])
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise _Damaged(f"{META_FILE} is unreadable ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, KeyError):
+        return f"no {e.args[0]!r} entry"
+    return (str(e).splitlines() or [type(e).__name__])[0][:120]
+
+
+def load_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's meta (step, schedule, data position, RNG, history, config) from its meta.json,
+    with the types it was saved with. Raises CheckpointRefused for an old pickled meta.pt and
+    RunError for a damaged meta.json."""
+    path = Path(path)
+    try:
+        return _read_meta_file(path)[1]
+    except _Damaged as e:
+        raise RunError(f"checkpoint {path} is damaged ({e})") from None
+
+
+def _read_index(path: Path) -> Metadata:
+    """The DCP index of the checkpoint at `path`, read as data only (`read_index`). Raises
+    CheckpointRefused for one that names anything else, _Damaged for one missing or unreadable."""
+    file = path / INDEX
+    if not file.is_file():
+        raise _Damaged(f"{INDEX} is missing")
+    try:
+        return read_index(file)
+    except NotAnIndex as e:
+        raise _Damaged(f"{INDEX} is unreadable ({e})") from None
+
+
+# ---------------------------------------------------------------------------- damage and resume
+
+
 def latest(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint folder of a run, or None."""
     root = Path(run_dir) / "checkpoints"
@@ -260,25 +367,39 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
 
 
 def damage(path: str | os.PathLike) -> str | None:
-    """What is wrong with a checkpoint folder (a missing or unreadable meta.pt, a shard file that is
-    missing or shorter or longer than when it was saved), or None when it is intact. Reads meta.pt
-    and the shards' index, not the shard data."""
+    """What is wrong with a checkpoint folder (meta.json missing, unreadable or not matching its
+    checksum; the index or a shard file missing, or of another size or checksum than when it was
+    saved), or None when it is intact. Reads every file. Raises CheckpointRefused for one
+    that could run code: an index that names anything but DCP's classes (checked first, so that a
+    planted index is refused whether or not meta.json was rewritten to match it), the pickled
+    meta.pt of earlier versions."""
     path = Path(path)
-    if not (path / META_FILE).is_file():
-        return f"{META_FILE} is missing"
     try:
-        meta = load_meta(path)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as e:
-        return f"{META_FILE} is unreadable ({str(e).splitlines()[0][:120]})"
-    # Checkpoints written before the file list was recorded: at least the index must be there.
-    files = meta.get(FILES, {f"{SHARDS}/.metadata": None})
-    for rel, size in files.items():
+        files, _ = _read_meta_file(path)
+        _read_index(path)
+    except _Damaged as e:
+        return str(e)
+    for rel, saved in files.items():
         f = path / rel
         if not f.is_file():
             return f"{rel} is missing"
-        if size is not None and f.stat().st_size != size:
-            return f"{rel} has {f.stat().st_size} bytes, {size} when it was saved"
+        if f.stat().st_size != saved["bytes"]:
+            return f"{rel} has {f.stat().st_size} bytes, {saved['bytes']} when it was saved"
+    sums = file_checksums(path, list(files))
+    for rel, saved in files.items():
+        if sums[rel] != saved[CHECKSUM]:
+            return f"{rel} does not match its checksum from when it was saved: CRC-32 {sums[rel]}, was {saved[CHECKSUM]}"
     return None
+
+
+# Checkpoints verified in this process, with their files' sizes and modification times then, so
+# that `load` after `resume_point` does not read every shard a second time.
+_verified: dict[Path, tuple] = {}
+
+
+def _stat(path: Path) -> tuple:
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return tuple((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
 def _restore_set_aside(root: Path) -> None:
@@ -292,7 +413,7 @@ def _restore_set_aside(root: Path) -> None:
 
 def find_intact(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest intact checkpoint of a run (or None), and the damaged ones newer than it with
-    what is wrong with each, newest first."""
+    what is wrong with each, newest first. Raises CheckpointRefused (see `damage`)."""
     root = Path(run_dir) / "checkpoints"
     damaged = []
     for path in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
@@ -307,23 +428,27 @@ def resume_point(run_dir: Path, cfg: Config, world: World = SINGLE) -> tuple[Pat
     """Where a run resumes (README, "Resume rules"): the newest intact checkpoint, after moving
     damaged newer ones aside with a warning and checking the config against the checkpoint's; and
     the changes run.resume=force allowed ({key: [saved, now]}). (None, {}) for a new run; with
-    run.resume=false a previous run in the directory is moved aside first. Called by every rank."""
+    run.resume=false a previous run in the directory is moved aside first. Called by every rank;
+    rank 0 reads the checkpoints."""
     if cfg.run.resume is False:
         if world.is_main:
             _set_aside_previous_run(run_dir)
         barrier(world)
         return None, {}
+    found, damaged, refused = None, [], None
     if world.is_main:
         _restore_set_aside(Path(run_dir) / "checkpoints")
-    barrier(world)
-    found, damaged = find_intact(run_dir)
-    barrier(world)
-    if world.is_main:
+        try:
+            found, damaged = find_intact(run_dir)
+        except CheckpointRefused as e:
+            refused = str(e)
         for path, problem in damaged:
             aside = _unused(path.with_name(f"damaged_{path.name}"))
             path.rename(aside)
             warn(f"checkpoint {path} is damaged ({problem}); moved to {aside}")
-    barrier(world)
+    found, damaged, refused = all_gather_objects((found, bool(damaged), refused), world)[0]
+    if refused is not None:
+        raise CheckpointRefused(refused)
     if found is None:
         if damaged:
             raise RunError(
@@ -331,6 +456,7 @@ def resume_point(run_dir: Path, cfg: Config, world: World = SINGLE) -> tuple[Pat
                 "moved aside); run.resume=false starts over"
             )
         return None, {}
+    _verified[found.resolve()] = _stat(found)
     meta = load_meta(found)
     changes = resume_changes(meta["config"], cfg, str(found), saved_model=meta.get("model_shapes"))
     if meta["step"] > cfg.train.steps:
@@ -385,17 +511,41 @@ def load(
     trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Restore model, optimizer and the named `frozen` modules (resharded to this run's
-    processes) in place; return the meta."""
+    processes) in place; return the meta. The checkpoint is verified first (`damage`; once per
+    process: `resume_point` has done it for the checkpoint it picked) and its pickled parts are
+    read as data only. Raises RunError for a damaged one, CheckpointRefused for one that could
+    run code."""
     path = Path(path)
-    if not (path / META_FILE).is_file():
+    if not (path / META_FILE).is_file() and not (path / OLD_META_FILE).exists():
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path / META_FILE})")
+    try:
+        if _verified.get(path.resolve()) != _stat(path):
+            problem = damage(path)
+            if problem is not None:
+                raise _Damaged(problem)
+            _verified[path.resolve()] = _stat(path)
+        index = _read_index(path)
+    except _Damaged as e:
+        raise RunError(f"checkpoint {path} is damaged ({e}); resume from another checkpoint") from None
     options = _options(trainable_only)
     model_sd, optim_sd = _state(module, optimizer, trainable_only)
     state = {"model": model_sd, "optim": optim_sd}
     for key, frozen_module in (frozen or {}).items():
         state[key] = get_model_state_dict(frozen_module)
-    with _single_process():
-        dcp.load(state, checkpoint_id=str(path / SHARDS), no_dist=not _dist_ready())
+    shards = path / SHARDS
+    try:
+        with _single_process():
+            dcp.load(
+                state,
+                storage_reader=IndexReader(shards, index),
+                planner=WeightsOnlyPlanner(shards),
+                no_dist=not _dist_ready(),
+            )
+    except (Exception, CheckpointException) as e:
+        refused = _cause(e, CheckpointRefused)
+        if refused is None:
+            raise
+        raise refused from None
     set_state_dict(
         module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
     )
@@ -451,11 +601,6 @@ def record_config_changes(
             f.write(json.dumps(record) + "\n")
         changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
         warn(f"run.resume=force: continuing with {changed} (recorded in config_changes.jsonl)")
-
-
-def load_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's meta (step, schedule, data position, RNG, history, config); our own file."""
-    return torch.load(Path(path) / META_FILE, map_location="cpu", weights_only=False)
 
 
 def barrier(world: World) -> None:

@@ -205,7 +205,7 @@ def test_force_continues_with_the_new_config_and_records_it(run_copy, capsys):
 # ---------------------------------------------------------------------------- crash recovery
 
 
-@pytest.mark.parametrize("damaged", ["shards/__0_0.distcp", "shards/.metadata", "meta.pt"])
+@pytest.mark.parametrize("damaged", ["shards/__0_0.distcp", "shards/.metadata", "meta.json"])
 def test_truncated_latest_checkpoint_resumes_from_the_previous(run_copy, base_run, capsys, damaged):
     ckpts = run_copy / "run" / "checkpoints"
     path = ckpts / "step_000002" / damaged
@@ -241,7 +241,7 @@ def test_truncated_shard_through_the_cli(run_copy, base_run):
 
 def test_no_intact_checkpoint_is_an_error(run_copy):
     for step in (1, 2):
-        (run_copy / "run" / "checkpoints" / f"step_00000{step}" / "meta.pt").write_bytes(b"PK\x03")
+        (run_copy / "run" / "checkpoints" / f"step_00000{step}" / "meta.json").write_bytes(b"PK\x03")
     with pytest.raises(RunError, match="no intact checkpoint in .*checkpoints to resume from"):
         Trainer(small_cfg(run_copy))
 
