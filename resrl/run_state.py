@@ -94,7 +94,7 @@ class RunState:
         }
         if self.r2po is not None:
             meta["head_scheduler"] = self.r2po.head_stage.scheduler.state_dict()
-        if self._warm is not None:
+        if self._warm is not None and self.step == 0 and "sft" not in self.history:
             # Saved during the warm start: where it is, to go on from there.
             meta["warm_start"] = self._warm.state_dict()
         # Optimizers that have stepped (R²PO mid-round: one may not have yet); a resume restores

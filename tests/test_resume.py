@@ -332,8 +332,9 @@ def test_resume_false_sets_the_previous_run_aside(run_copy, capsys):
     (aside,) = run.glob("replaced-*")
     assert f"run.resume=false: the previous run in {run} was moved to {aside}" in capsys.readouterr().err
     trainer.fit()
-    # The new run's checkpoints only; the old run's are whole, beside it.
-    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000001"]
+    # The new run's checkpoints only (its warm start's last, then step 1); the old run's are whole,
+    # beside it.
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000000", "step_000001"]
     assert sorted(p.name for p in (aside / "checkpoints").glob("step_*")) == ["step_000001", "step_000002"]
     assert [r["step"] for r in read_metrics(aside)] == [1, 2]
     assert [r["step"] for r in read_metrics(run)] == [1]

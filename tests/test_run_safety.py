@@ -257,10 +257,10 @@ def test_readme_lists_exactly_the_resume_safe_keys():
 def test_rl_seconds_add_up_across_a_kill(tmp_path):
     """A run killed after its checkpoint at step 1 and resumed counts the time before the kill."""
     proc = _start(_cmd(tmp_path, "train.steps=3", "run.checkpoint_every=1"), tmp_path)
-    _wait_for(lambda: checkpoint.latest(tmp_path / "run") is not None, proc)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000001"
+    _wait_for(lambda: checkpoint.latest(tmp_path / "run") == ckpt, proc)
     proc.kill()
     proc.wait()
-    ckpt = checkpoint.latest(tmp_path / "run")
     before = checkpoint.load_meta(ckpt)["history"]["rl_seconds"]
     assert before > 0
     resumed = _run(_cmd(tmp_path, "train.steps=3", "run.checkpoint_every=1"), tmp_path)
