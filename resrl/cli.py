@@ -1,4 +1,4 @@
-"""The `resrl` command line: train, eval, compare, plot, config, data.
+"""The `resrl` command line: train, eval, compare, plot, config, data, estimate.
 
 resrl train --preset tiny                         # the embedded default (make demo)
 resrl train --preset tiny algorithm.objective=grpo run.name=grpo
@@ -6,6 +6,9 @@ resrl train --config my.yaml optim.lr=2e-6        # file, then dotted overrides
 resrl config --preset qwen3-4b-math-resrl         # print the resolved config (YAML)
 resrl data export --preset tiny --out runs/tiny/held_out.jsonl   # the held-out split as JSONL
 resrl eval --model runs/tiny/final --data runs/tiny/held_out.jsonl --n 16
+resrl plot before=runs/tiny/summary.json:eval_before after=runs/tiny/summary.json:eval_after --out cmp.png
+resrl compare --variants grpo,resrl --seeds 0,1,2  # objectives x seeds from one warm start
+resrl estimate --model qwen3-4b --gpu-mem 80      # peak memory of one RL step, on the CPU
 
 A mistake in the input (an argument, a config value, a data file, a model folder) is one line on
 stderr, `resrl: error: ...`, and exit code 2; `--debug` adds the traceback. A traceback without
@@ -108,9 +111,9 @@ def _fields_help() -> str:
         cls = section.default_factory  # type: ignore[misc]
         for f in dataclasses.fields(cls):
             doc = _field_doc(cls, f.name)
-            lines.append(
-                f"  {section.name}.{f.name} = {f.default if f.default is not dataclasses.MISSING else '[]'!r}"
-            )
+            # A list field's default comes from its factory (printed as [], not the string '[]').
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {section.name}.{f.name} = {default!r}")
             if doc:
                 lines.extend(textwrap.wrap(doc, 96, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
@@ -134,7 +137,9 @@ def _field_doc(cls: type, name: str) -> str:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), help="named preset (default: tiny)")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help="named preset (default: tiny unless --config is given)"
+    )
     p.add_argument("--config", type=Path, help="YAML or JSON config file, applied on top of the preset")
     p.add_argument(
         "overrides", nargs="*", metavar="section.field=value", help="dotted overrides, applied last"
@@ -205,7 +210,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from resrl.config import RolloutConfig
     from resrl.data import encode_prompt, load_examples
     from resrl.eval.evaluate import evaluate
-    from resrl.loading import check_model_folder, load_pretrained, load_tokenizer, resolve_device
+    from resrl.guards import check_writable, out_of_memory_as_one_line
+    from resrl.loading import (
+        check_model_folder,
+        check_vocabulary,
+        load_pretrained,
+        load_tokenizer,
+        resolve_device,
+    )
     from resrl.rewards import get_reward
     from resrl.rollout import build_engine
 
@@ -229,10 +241,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{existing[0]} exists (an earlier evaluation); pass --overwrite to replace it, or "
             "--name/--out to write elsewhere"
         )
+    check_writable(out, what="--out")
     examples = [ex for path in args.data for ex in load_examples(path)]
     if args.max_problems:
         examples = examples[: args.max_problems]
     tokenizer = load_tokenizer(args.model, what="--model", hub=False)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    check_vocabulary(
+        tokenizer,
+        config.get("vocab_size"),
+        source=f"--model {args.model}",
+        where="vocab_size in its config.json",
+    )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_pretrained(
         AutoModelForCausalLM, args.model, what="--model", part="config and weights", dtype=dtype
@@ -248,7 +268,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_model_len=longest + max_new_tokens,
         seed=args.seed,
     )
-    with interrupt.stoppable(at_once=True):
+    with (
+        interrupt.stoppable(at_once=True),
+        out_of_memory_as_one_line("evaluation", knobs="lower --n or --max-new-tokens"),
+    ):
         try:
             result = evaluate(
                 engine,
@@ -486,15 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
         "rank, on the GPU and on the host, resrl's path and the reference recipe's (full fp32 logits, "
         "every layer's hidden states), as the trainer holds the model: bf16 compute with fp32 master "
         "weights, gradients and AdamW state under FSDP2 (16 B/param / world size), on the GPU or, with "
-        "--offload, on the host. Batch defaults: the qwen3-4b-math-resrl preset. --json prints one "
-        "object (schema: resrl/estimate.py).",
+        "--offload, on the host; with --lora-rank, a frozen base in the compute dtype and fp32 adapters "
+        "with their gradients and AdamW state. Batch defaults: the qwen3-4b-math-resrl preset. --json "
+        "prints one object (schema: resrl/estimate.py).",
         parents=[debug],
     )
     p.add_argument(
         "--model",
         required=True,
         nargs="+",
-        help="one or more of qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b, qwen3-14b",
+        help="one or more of qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b, qwen3-14b, qwen3-32b",
     )
     p.add_argument(
         "--paths", default="resrl,reference", help="comma-separated: resrl, reference (default both)"
@@ -521,6 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--kl-reference",
         action="store_true",
         help="a frozen reference model (algorithm.kl_coef > 0, or ACE), 2 B/param sharded like the policy",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=_int_at_least(0),
+        default=0,
+        help="model.lora_rank: LoRA adapters of this rank on a frozen base in the compute dtype (default 0: "
+        "full fine-tuning)",
     )
     p.add_argument(
         "--gpu-mem",

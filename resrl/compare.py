@@ -47,6 +47,7 @@ def run_comparison(
     seeds: list[int],
     name: str = "compare",
 ) -> dict[str, Any]:
+    from resrl.guards import check_writable
     from resrl.trainer import Trainer
 
     unknown = [v for v in variants if v not in VARIANTS]
@@ -59,8 +60,7 @@ def run_comparison(
     if len(set(seeds)) < len(seeds) or len(set(variants)) < len(variants):
         raise InputError(f"seeds {seeds} and variants {variants} must not repeat")
     base = resolve(preset, config_file, overrides)
-    root = Path(base.run.out_dir) / name
-    root.mkdir(parents=True, exist_ok=True)
+    root = check_writable(Path(base.run.out_dir) / name, what="config run.out_dir")
     results: dict[str, dict[int, dict]] = {v: {} for v in variants}
     for seed in seeds:
         start = root / f"warm_start-s{seed}"
@@ -113,10 +113,13 @@ def _done(root: Path, cfg) -> bool:
 
 
 def _report(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, tuple[float, float]]]:
-    """{row: {metric: (mean, std)}}: the starting policy ("start") and every variant after RL."""
+    """{row: {metric: (mean, std)}}: the starting policy ("start") and every variant after RL.
+    "start" is left out when the runs did not evaluate before RL (eval.before=false)."""
     report = {}
     first = next(iter(results.values()))
-    report["start"] = _aggregate([s["eval_before"] for s in first.values()])
+    befores = [s.get("eval_before") for s in first.values()]
+    if all(befores):
+        report["start"] = _aggregate(befores)
     for variant, by_seed in results.items():
         report[variant] = _aggregate([s["eval_after"] for s in by_seed.values()])
     return report
@@ -128,12 +131,17 @@ def _aggregate(summaries: list[dict[str, float]]) -> dict[str, tuple[float, floa
 
 
 def _markdown(report: dict, seeds: list[int]) -> str:
-    some = report["start"]
+    some = next(iter(report.values()))
     ks = sorted(int(k[5:]) for k in some if k.startswith("pass@"))
     cols = [f"pass@{k}" for k in ks if k in (1, ks[-1]) or k == ks[len(ks) // 2]]
     cols += [k for k in some if k.startswith(("avg@", "maj@"))] + ["distinct_correct_solutions"]
+    start = (
+        "`start` is the shared warm-started policy before RL"
+        if "start" in report
+        else "no `start` row: the runs did not evaluate before RL (eval.before=false)"
+    )
     lines = [
-        f"mean ± std over seeds {seeds}; `start` is the shared warm-started policy before RL",
+        f"mean ± std over seeds {seeds}; {start}",
         "",
         "| run | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),

@@ -70,20 +70,28 @@ def _error(path: Path, row: int, field: str, problem: str) -> DataError:
 def _rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(1-based row number, decoded row) pairs; JSONL row numbers are line numbers."""
     if path.suffix == ".jsonl":
-        line_no = 0
-        try:
-            with path.open(encoding="utf-8") as f:
-                for line_no, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield line_no, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise _error(
-                            path, line_no, "<row>", f"not valid JSON ({e.msg} at column {e.colno})"
-                        ) from None
-        except UnicodeDecodeError as e:
-            raise _error(path, line_no + 1, "<row>", f"not UTF-8 text ({e.reason})") from None
+        # Read as bytes and decoded line by line: a text-mode file decodes ahead in blocks, so its
+        # UnicodeDecodeError would name the line the block started at, not the bad one.
+        with path.open("rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    # utf-8-sig: a byte-order mark some editors put before the first line.
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise _error(
+                        path,
+                        line_no,
+                        "<row>",
+                        f"not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)",
+                    ) from None
+                if not line.strip():
+                    continue
+                try:
+                    yield line_no, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise _error(
+                        path, line_no, "<row>", f"not valid JSON ({e.msg} at column {e.colno})"
+                    ) from None
     elif path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -242,7 +250,8 @@ def encode_prompt(example: Example, tokenizer: Any) -> list[int]:
     wrapped as one user message when the tokenizer has a chat template, else encoded bare after
     bos (when the tokenizer has one). The template is rendered to text and then encoded without
     added special tokens, which is what ``apply_chat_template(tokenize=True)`` does, minus its
-    version-dependent return type.
+    version-dependent return type. A message list with a tokenizer that has no chat template, or a
+    prompt that encodes to no tokens, raises ``DataError``.
     """
     prompt = example.prompt
     template = getattr(tokenizer, "chat_template", None)
@@ -257,12 +266,12 @@ def encode_prompt(example: Example, tokenizer: Any) -> list[int]:
                 f"Example.prompt must be a str or a list of messages, got {type(prompt).__name__}"
             )
         if not template:
-            raise ValueError(
+            raise DataError(
                 f"example {example.index} ({example.data_source}) has a message-list prompt but the tokenizer "
-                "has no chat_template; use a string prompt or a tokenizer with a chat template"
+                "has no chat_template; use string prompts or a tokenizer with a chat template"
             )
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = list(tokenizer.encode(text, add_special_tokens=False))
     if not ids:
-        raise ValueError(f"example {example.index} ({example.data_source}) encodes to no tokens")
+        raise DataError(f"example {example.index} ({example.data_source}) encodes to no tokens")
     return ids

@@ -6,7 +6,7 @@ import importlib.util
 import json
 import random
 import re
-import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from resrl.config import Config, ConfigError
 from resrl.data import Example, encode_prompt, load_examples
 from resrl.errors import ModelFolderError
 from resrl.tasks import arithmetic
+from resrl.tracker import quiet_import_noise, warn
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -42,10 +43,9 @@ def _encode(examples: list[Example], tokenizer, max_len: int, what: str) -> Prom
             kept.append(ex)
             ids.append(p)
     if len(kept) < len(examples):
-        warnings.warn(
+        warn(
             f"{len(examples) - len(kept)} of {len(examples)} {what} prompts are longer than "
-            f"data.max_prompt_length={max_len} tokens and were dropped",
-            stacklevel=2,
+            f"data.max_prompt_length={max_len} tokens and were dropped"
         )
     if not kept:
         raise ConfigError(
@@ -112,12 +112,41 @@ def check_model_folder(
     )
 
 
-def load_pretrained(loader, path: str, *, what: str, part: str, **kwargs):
-    """`loader.from_pretrained(path, **kwargs)` with a corrupt or unreachable folder as one line."""
+def load_pretrained(loader, path: str, *, what: str, part: str, progress: bool = True, **kwargs):
+    """`loader.from_pretrained(path, **kwargs)` with a corrupt or unreachable folder as one line.
+
+    When `part` names weights, weights that do not fit config.json (missing, unexpected, another
+    shape: transformers would start those parameters at random) are one line too
+    (`check_weights_match`), and transformers' own load report stays off stderr; without
+    `progress`, so does its loading bar."""
+    quiet_import_noise()
+    if "weights" not in part:
+        return _from_pretrained(loader, path, what, part, kwargs)
+    # Mismatched shapes are loaded (left at random) only to be reported by the check.
+    kwargs = {**kwargs, "output_loading_info": True, "ignore_mismatched_sizes": True}
+    with _quiet_transformers(progress=progress):
+        model, info = _from_pretrained(loader, path, what, part, kwargs)
+    check_weights_match(model, info, path, what=what)
+    return model
+
+
+def _from_pretrained(loader, path: str, what: str, part: str, kwargs: dict):
     from safetensors import SafetensorError
 
     try:
+        # A config.json that fails transformers' own validation (e.g. num_hidden_layers against
+        # layer_types) raises huggingface_hub's StrictDataclassError, not a ValueError.
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: transformers raises ValueError
+
+        class StrictDataclassError(Exception):  # noqa: N818
+            pass
+
+    try:
         return loader.from_pretrained(path, **kwargs)
+    except StrictDataclassError as e:
+        reason = " ".join(str(e).split())[:300]
+        raise ModelFolderError(f"{what} {path}: config.json is not a valid model config ({reason})") from e
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise ModelFolderError(f"{what} {path}: cannot load the {part} ({reason})") from e
@@ -128,23 +157,52 @@ def load_tokenizer(path: str, *, what: str, hub: bool = True):
     from transformers import AutoTokenizer
 
     check_model_folder(path, what=what, parts=("tokenizer",), hub=hub)
-    return load_pretrained(AutoTokenizer, path, what=what, part="tokenizer")
+    tokenizer = load_pretrained(AutoTokenizer, path, what=what, part="tokenizer")
+    if tokenizer.eos_token_id is None:
+        pad = "" if tokenizer.pad_token_id is not None else " and no pad token to pad batches with"
+        raise ModelFolderError(
+            f"{what} {path}: the tokenizer has no EOS token{pad}, so a response could never end; "
+            "set eos_token (e.g. the chat template's end-of-turn token) in its tokenizer_config.json, "
+            "or use a tokenizer that has one"
+        )
+    return tokenizer
 
 
-def _tokenizer(cfg: Config):
+def _tokenizer(cfg: Config) -> tuple[object, str]:
+    """The run's tokenizer and where it comes from, as error messages name it."""
     if cfg.data.tokenizer is not None:
-        return load_tokenizer(cfg.data.tokenizer, what="config data.tokenizer")
+        what = "config data.tokenizer"
+        return load_tokenizer(cfg.data.tokenizer, what=what), f"{what} {cfg.data.tokenizer}"
     if cfg.model.path is not None:
-        return load_tokenizer(cfg.model.path, what="config model.path")
-    return arithmetic.build_char_tokenizer()
+        what = "config model.path"
+        return load_tokenizer(cfg.model.path, what=what), f"{what} {cfg.model.path}"
+    return arithmetic.build_char_tokenizer(), "the embedded task's character tokenizer"
+
+
+def _load_files(paths: list[str], tokenizer, source: str) -> list[Example]:
+    """The examples of `paths`, in order; chat-message prompts need the tokenizer's chat template."""
+    examples = []
+    for path in paths:
+        loaded = load_examples(path)
+        if not getattr(tokenizer, "chat_template", None) and any(
+            not isinstance(ex.prompt, str) for ex in loaded
+        ):
+            raise ConfigError(
+                f"{path}: its prompts are chat messages (lists of role/content), but the tokenizer of "
+                f"{source} has no chat template to render them; pass data.tokenizer=<a folder whose "
+                "tokenizer has one> or write the prompts as strings"
+            )
+        examples += loaded
+    return examples
 
 
 def load_task(cfg: Config) -> tuple[object, PromptSet, PromptSet]:
-    """(tokenizer, training prompts, held-out prompts), from files or the embedded task."""
+    """(tokenizer, training prompts, held-out prompts), from files or the embedded task; checked
+    against the model before any model is built (`check_fits_model`)."""
     d = cfg.data
-    tokenizer = _tokenizer(cfg)
+    tokenizer, source = _tokenizer(cfg)
     if d.train_files:
-        train = [ex for path in d.train_files for ex in load_examples(path)]
+        train = _load_files(d.train_files, tokenizer, source)
     else:
         knobs = {"min_ops": d.task_min_ops, "max_ops": d.task_max_ops, "max_operand": d.task_max_operand}
         train_p, eval_p = arithmetic.generate_splits(
@@ -154,17 +212,84 @@ def load_task(cfg: Config) -> tuple[object, PromptSet, PromptSet]:
         if not d.eval_files:
             held_out = _task_examples(eval_p)
     if d.eval_files:
-        held_out = [ex for path in d.eval_files for ex in load_examples(path)]
+        held_out = _load_files(d.eval_files, tokenizer, source)
     elif d.train_files:
         raise ConfigError(
             "config data.eval_files: needed with data.train_files (a held-out set to evaluate on)"
         )
     max_len = d.max_prompt_length
-    return (
-        tokenizer,
-        _encode(train, tokenizer, max_len, "training"),
-        _encode(held_out, tokenizer, max_len, "held-out"),
-    )
+    train_set = _encode(train, tokenizer, max_len, "training")
+    held_out_set = _encode(held_out, tokenizer, max_len, "held-out")
+    check_fits_model(cfg, tokenizer, source, train_set, held_out_set)
+    return tokenizer, train_set, held_out_set
+
+
+def check_vocabulary(tokenizer, rows: int | None, *, source: str, where: str) -> None:
+    """Fail in one line when the tokenizer has more tokens than the model's embedding has `rows`
+    (None or 0: unknown, nothing to check). `source` names the tokenizer, `where` the rows."""
+    if rows and len(tokenizer) > rows:
+        raise ModelFolderError(
+            f"{source}: the tokenizer has {len(tokenizer)} tokens, more than the model's {rows} "
+            f"embedding rows ({where}); its ids past {rows - 1} have no embedding; use the model's "
+            "own tokenizer or a model with a larger vocabulary"
+        )
+
+
+def _model_config(cfg: Config) -> tuple[dict, str]:
+    """What the policy's shape will be, read before it is built: (config dict, where it is set)."""
+    m = cfg.model
+    if m.path is None:
+        built = {"vocab_size": m.vocab_size, "max_position_embeddings": m.max_position_embeddings}
+        return built, "model.{field}"
+    what = "config model.path"
+    if check_model_folder(m.path, what=what, parts=("config", "weights")):
+        config = json.loads((Path(m.path) / "config.json").read_text(encoding="utf-8"))
+    else:
+        from transformers import AutoConfig
+
+        config = load_pretrained(AutoConfig, m.path, what=what, part="config").to_dict()
+    # Multimodal configs nest the language model's fields.
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        config = {**text, **config}
+    return config, f"{{field}} in {m.path}/config.json"
+
+
+def check_fits_model(cfg: Config, tokenizer, source: str, train: PromptSet, held_out: PromptSet) -> None:
+    """Fail in one line, before any model is built, when the model cannot take this task: a
+    tokenizer with more tokens than the model's embedding has rows, or prompts plus
+    rollout.max_new_tokens longer than its positions (max_position_embeddings). The training
+    prompts and the held-out prompts that evaluation samples (eval.max_problems) are measured;
+    the vllm engine is sized for data.max_prompt_length + rollout.max_new_tokens."""
+    config, where = _model_config(cfg)
+    # A built model's model.vocab_size is checked where it is built (`load_model`).
+    if cfg.model.path is not None:
+        rows = config.get("vocab_size")
+        check_vocabulary(tokenizer, rows, source=source, where=where.format(field="vocab_size"))
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int):
+        return
+    new = cfg.rollout.max_new_tokens
+    evaluated = held_out.prompt_ids[: cfg.eval.max_problems or None]
+    longest_train = max(map(len, train.prompt_ids))
+    longest_eval = max(map(len, evaluated))
+    longest = max(longest_train, longest_eval)
+    has = f"the model has {positions} positions ({where.format(field='max_position_embeddings')})"
+    if cfg.rollout.engine == "vllm" and cfg.data.max_prompt_length + new > positions:
+        raise ConfigError(
+            f"config data.max_prompt_length={cfg.data.max_prompt_length} + rollout.max_new_tokens={new} "
+            f"= {cfg.data.max_prompt_length + new} positions, the vllm engine's length, but {has}; lower "
+            "data.max_prompt_length or rollout.max_new_tokens, or use a model with more positions"
+        )
+    if longest + new > positions:
+        room = positions - longest
+        lower = f"lower rollout.max_new_tokens to at most {room}, or " if room >= 1 else ""
+        raise ConfigError(
+            f"config rollout.max_new_tokens={new}: the longest prompt has {longest} tokens (training "
+            f"{longest_train}, held-out {longest_eval}), so prompt + response needs {longest + new} "
+            f"positions, but {has}; {lower}drop long prompts with data.max_prompt_length (now "
+            f"{cfg.data.max_prompt_length}), or use a model with more positions"
+        )
 
 
 def _task_examples(problems: list[dict]) -> list[Example]:
@@ -213,6 +338,7 @@ def load_model(
     `compute_device` (default `device`) is where it will run: it picks the attention kernel, and
     differs from `device` when the weights are built on the CPU for FSDP2 offload."""
     m = cfg.model
+    quiet_import_noise()
     compute_device = compute_device or device
     dtype = dtype or compute_dtype(m.dtype, compute_device)
     attn = attention_implementation(m.attn_implementation, compute_device)
@@ -248,6 +374,7 @@ def load_model(
             m.path,
             what="config model.path",
             part="config and weights",
+            progress=cfg.run.progress,
             dtype=dtype,
             attn_implementation=attn,
         )
@@ -257,6 +384,70 @@ def load_model(
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+@contextmanager
+def _quiet_transformers(*, progress: bool):
+    """transformers' load report (its table of missing and mismatched weights: `check_weights_match`
+    says it in one line) and, without `progress`, its loading bar, kept off stderr."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+_LAYER_RE = re.compile(r"\blayers\.(\d+)\.")
+
+
+def _names(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_weights_match(model: nn.Module, info: dict, path: str, *, what: str) -> None:
+    """Fail in one line when the weights of a model folder do not fit its config.json: parameters
+    the weights lack (transformers would initialize them at random), weights the model has no place
+    for, or shapes that differ. `info` is `from_pretrained(..., output_loading_info=True)`'s."""
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if not (missing or unexpected or mismatched):
+        return
+    found = []
+    configured = getattr(model.config, "num_hidden_layers", None)
+    if configured is not None and (missing or unexpected):
+        # The layers the weights hold: the model's own keys they have, and those it has no place for.
+        stored = (set(model.state_dict()) - set(missing)) | set(unexpected)
+        held = {int(m.group(1)) for key in stored if (m := _LAYER_RE.search(key))}
+        if held and len(held) != configured:
+            found.append(
+                f"config.json has num_hidden_layers={configured}, the weights hold {len(held)} layers"
+            )
+    if missing:
+        found.append(
+            f"{len(missing)} parameters are missing from the weights and would start at random "
+            f"({_names(missing)})"
+        )
+    if unexpected:
+        found.append(
+            f"{len(unexpected)} weights have no place in the model and would be dropped ({_names(unexpected)})"
+        )
+    if mismatched:
+        shapes = [
+            f"{key}: {list(saved)} stored, {list(wanted)} configured" for key, saved, wanted in mismatched
+        ]
+        found.append(f"{len(mismatched)} shapes differ and would start at random ({_names(shapes, 2)})")
+    raise ModelFolderError(
+        f"{what} {path}: config.json does not match the weights: {'; '.join(found)}; pass a folder "
+        "whose config.json belongs to its weights (e.g. a run's final/ folder)"
+    )
 
 
 class PromptSampler:

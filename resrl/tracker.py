@@ -4,6 +4,7 @@ GPU memory per phase; the one-line warnings of a run."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -16,6 +17,22 @@ import torch
 def warn(message: str) -> None:
     """A warning for the person running the command: one line on stderr."""
     print(f"resrl: warning: {message}", file=sys.stderr, flush=True)
+
+
+# Loggers that write to stderr when transformers imports an installed torchao (its quantizer
+# registry does, for every model): "Failed to load ..." for each CUDA extension a CPU-only or
+# other-Python build lacks, and torch's deprecation notice for torchao's enums. Several lines
+# that are no one's mistake, before a run's own output or its one-line error.
+IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
+def quiet_import_noise() -> None:
+    """Keep IMPORT_NOISE's warnings off stderr for the rest of the process (errors still show);
+    called before transformers' models are first imported."""
+    for name in IMPORT_NOISE:
+        logger = logging.getLogger(name)
+        if logger.level < logging.ERROR:
+            logger.setLevel(logging.ERROR)
 
 
 class Tracker:

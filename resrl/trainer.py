@@ -27,7 +27,7 @@ from resrl.distributed import (
     init_world,
     shard,
 )
-from resrl.guards import check_finite, stop_if_not_finite
+from resrl.guards import check_finite, out_of_memory_as_one_line, stop_if_not_finite
 from resrl.loading import PromptSampler, compute_dtype, load_model, load_task, resolve_device
 from resrl.objectives import after_prepass, needs_old_logprobs, uses_reference
 from resrl.optim import build_optimizer
@@ -97,22 +97,23 @@ class Trainer(RunState):
             lora.check(cfg, self.tokenizer)
             self.lora_base, self._lora_sft = lora.base_folder(cfg, self.run_dir)
             model_cfg = lora.on_base(cfg, self.lora_base)
-        self.model = load_model(
-            model_cfg,
-            self.tokenizer,
-            self._load_device,
-            dtype=self.compute_dtype if self.lora_base else torch.float32,
-            compute_device=self.device,
-        )
-        if self.lora_base is not None:
-            lora.apply(self.model, cfg, self.compute_dtype)
-        head = None
-        if cfg.r2po.enabled:
-            head = RolloutHead.for_model(self.model, cfg.r2po.head_init_std, _seed(cfg.run.seed, _HEAD))
-            head = head.to(self._load_device)
-        self.policy = Policy(self.model, rollout_head=head)
-        if sharded:
-            shard(self.policy, **self._shard_kwargs)
+        with out_of_memory_as_one_line("model load"):
+            self.model = load_model(
+                model_cfg,
+                self.tokenizer,
+                self._load_device,
+                dtype=self.compute_dtype if self.lora_base else torch.float32,
+                compute_device=self.device,
+            )
+            if self.lora_base is not None:
+                lora.apply(self.model, cfg, self.compute_dtype)
+            head = None
+            if cfg.r2po.enabled:
+                head = RolloutHead.for_model(self.model, cfg.r2po.head_init_std, _seed(cfg.run.seed, _HEAD))
+                head = head.to(self._load_device)
+            self.policy = Policy(self.model, rollout_head=head)
+            if sharded:
+                shard(self.policy, **self._shard_kwargs)
         # The policy's parameters only: R²PO's head has its own optimizer (resrl.r2po).
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
         o = cfg.optim
@@ -191,7 +192,8 @@ class Trainer(RunState):
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.step == 0 and "sft" not in self.history:
-            self.history["sft"] = self.warm_start()
+            with out_of_memory_as_one_line("warm start"):
+                self.history["sft"] = self.warm_start()
         if self.step == 0 and cfg.eval.before and "eval_before" not in self.history:
             self.history["eval_before"] = self.evaluate("before")
             if self._stop_asked():
@@ -248,7 +250,8 @@ class Trainer(RunState):
         clock.start("rollout")
         # Every rank draws the same prompts and samples its share; then all ranks see every group.
         slots = self.sampler.next()
-        local = self.rollout(slots[world.rank :: world.size], step)
+        with out_of_memory_as_one_line("rollout", step + 1):
+            local = self.rollout(slots[world.rank :: world.size], step)
         batch = gather_rollouts(local, len(slots), cfg.rollout.n, world)
         self.engine.sleep()
         metrics = batch.step_metrics(len(slots))
@@ -301,7 +304,8 @@ class Trainer(RunState):
             metrics.update(stats.metrics(world))
         check_finite(step + 1, metrics, self.policy, world)
         clock.start("sync")
-        self._sync_engine(stage)
+        with out_of_memory_as_one_line("sync", step + 1):
+            self._sync_engine(stage)
         metrics.update(clock.stop(tokens=metrics.pop("_tokens")))
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
         return mean_over_ranks(metrics, self.world)
@@ -441,7 +445,7 @@ class Trainer(RunState):
         # ranks) and every rank gets the whole result. The hf engine generates with the policy
         # itself, whose shards must be gathered first.
         gathered = full_parameters(self.policy) if cfg.rollout.engine == "hf" else contextlib.nullcontext()
-        with gathered:
+        with gathered, out_of_memory_as_one_line("evaluation"):
             result = evaluate(
                 self.engine,
                 examples,

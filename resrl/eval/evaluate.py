@@ -203,7 +203,8 @@ def evaluate(
     maps a chunk's samples (problem-major, flat) to each sample's mean per-token entropy (e.g. from
     a forward pass of the policy); rows then carry ``entropy`` and the summary
     ``mean_token_entropy`` (token-weighted). ``progress`` prints one line per chunk to stderr,
-    starting with ``progress`` when it is a string (which evaluation), else with "eval".
+    starting with ``progress`` when it is a string (which evaluation), else with "eval"; with
+    several processes it counts this rank's share of the problems, and says so.
 
     Several processes: ``part=(rank, size)`` samples only the chunks of ``batch_prompts`` problems
     whose index is ``rank`` modulo ``size``, and ``gather`` (every rank's object in rank order, e.g.
@@ -240,6 +241,12 @@ def evaluate(
     rank, size = part
     done: list[tuple[int, list[dict], list[Sample], list[float] | None]] = []
     start = time.perf_counter()
+    # Progress counts this rank's problems: the other ranks' are only known at the gather.
+    share = sum(
+        len(examples[lo : lo + batch_prompts])
+        for lo in range(rank * batch_prompts, len(examples), size * batch_prompts)
+    )
+    sampled = 0
     for chunk, lo in enumerate(range(0, len(examples), batch_prompts)):
         if chunk % size != rank:
             continue
@@ -270,13 +277,12 @@ def evaluate(
                 row["entropy"] = chunk_entropy[i * n : (i + 1) * n]
             chunk_rows.append(row)
         done.append((chunk, chunk_rows, flat, chunk_entropy))
+        sampled += len(batch)
         if progress:
             elapsed = time.perf_counter() - start
-            problems = min(lo + batch_prompts, len(examples))
             label = progress if isinstance(progress, str) else "eval"
-            print(
-                f"{label}: {problems}/{len(examples)} problems, {elapsed:.1f} s", file=sys.stderr, flush=True
-            )
+            whose = "" if size == 1 else f" (rank {rank}'s share of {len(examples)} over {size} processes)"
+            print(f"{label}: {sampled}/{share} problems{whose}, {elapsed:.1f} s", file=sys.stderr, flush=True)
     if size > 1:
         done = sorted((item for got in gather(done) for item in got), key=lambda item: item[0])
     rows = [row for _, chunk_rows, _, _ in done for row in chunk_rows]
