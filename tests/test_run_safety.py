@@ -281,3 +281,37 @@ def test_optim_name_never_changes_on_resume():
     forced = resolve("tiny", overrides=["optim.name=adamw8bit", "run.resume=force"])
     with pytest.raises(ConfigError, match="optim.name differs .* format of the saved optimizer state"):
         resume_changes(saved, forced, "ckpt")
+
+
+def test_ctrl_c_during_resrl_eval_is_one_line_and_writes_nothing(tmp_path):
+    run = _run(_cmd(tmp_path, "train.steps=1"), tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = tmp_path / "held.jsonl"
+    export = [
+        sys.executable,
+        "-m",
+        "resrl",
+        "data",
+        "export",
+        "--preset",
+        "tiny",
+        *SMALL,
+        f"run.out_dir={tmp_path}",
+    ]
+    assert _run([*export, "--out", str(data)], tmp_path).returncode == 0
+    final = tmp_path / "run" / "final"
+    # Thousands of samples per problem: minutes of sampling. The signal comes after the start-up
+    # (or, on a slow machine, during it: the same one line either way).
+    cmd = [sys.executable, "-m", "resrl", "eval", "--model", str(final), "--data", str(data), "--n", "4096"]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(8)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the evaluation finished before the signal arrived")
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert "resrl: stopped by SIGINT" in err
+    assert not (tmp_path / "run" / "eval" / "final_summary.json").exists()
