@@ -80,7 +80,8 @@ def run_comparison(
             )
             warm.warm_start()
             warm.export(start)
-            warm.tracker.close()
+            # Its engine, metrics file and run-directory lock go before the variants run.
+            warm.close()
         for variant in variants:
             cfg = resolve(
                 preset,
