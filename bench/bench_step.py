@@ -57,6 +57,7 @@ MODELS = {
     "qwen3-4b": dict(hidden=2560, layers=36, heads=32, kv=8, mlp=9728, tied=True, vocab=QWEN3_VOCAB),
     "qwen3-8b": dict(hidden=4096, layers=36, heads=32, kv=8, mlp=12288, tied=False, vocab=QWEN3_VOCAB),
     "qwen3-14b": dict(hidden=5120, layers=40, heads=40, kv=8, mlp=17408, tied=False, vocab=QWEN3_VOCAB),
+    "qwen3-32b": dict(hidden=5120, layers=64, heads=64, kv=8, mlp=25600, tied=False, vocab=QWEN3_VOCAB),
     "tiny": dict(hidden=64, layers=2, heads=2, kv=1, mlp=128, tied=True, vocab=512),
 }
 PATHS = ("resrl", "reference")

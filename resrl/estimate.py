@@ -11,7 +11,8 @@ host (`.item()`, `.tolist()`), which tensors without data cannot do. The phases,
 previous step are alive until the next optimizer step zeroes them):
 
 - load: the model built in fp32 on the CPU in every rank (`resrl.loading.load_model`), moved to
-  the GPU (without offload), then sharded; the frozen KL reference's build when there is one;
+  the GPU (without offload), then sharded (under LoRA: the base in the compute dtype, its fp32
+  adapters injected, then sharded); the frozen KL reference's build when there is one;
 - pre-pass: one micro-batch forward under no_grad with the subspace hidden state captured, while
   the positive pool of every mixed group of this rank is held (the pre-pass visits positives first
   and keeps their captured hidden states until the first negative), the reference model's forward
@@ -20,7 +21,7 @@ previous step are alive until the next optimizer step zeroes them):
   loss formed inside the pass), with the gradients of earlier micro-batches alive;
 - optimizer: gradient clipping and the AdamW step (its state created on the first step).
 
-How the trainer holds the model (the mode follows `--dtype`, `--world-size`, `--offload`):
+How the trainer holds the model (the mode follows `--dtype`, `--world-size`, `--offload`, `--lora-rank`):
 - bf16 compute (`model.dtype=bfloat16`, or auto on CUDA), any number of processes: FSDP2
   `fully_shard` per decoder block, then the root (`Policy`: embeddings, final norm, LM head),
   `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`. Per rank: fp32 master shards,
@@ -28,11 +29,17 @@ How the trainer holds the model (the mode follows `--dtype`, `--world-size`, `--
   stepped by the optimizer here as fake fp32 tensors (its foreach temporaries count). The
   forward runs on bf16 compute copies, modelled by `_Fsdp` with hooks on the fake bf16 model: a
   block's copy is gathered before its forward and freed after it, gathered again at its backward
-  (with several processes an all-gather buffer lives beside it: the forward keeps each until the
-  next unit's copy-out, the backward prefetches the block before); the root's copy is gathered
-  by the first forward and freed only at the end of a backward (FSDP2 never reshards its root
-  after a forward), so it lives through the pre-pass into the update. Each unit's gradients are formed in bf16, copied into one fp32 reduce-scatter
-  buffer (kept until the next unit's reduction), reduced, and added to the fp32 gradient shards.
+  (with one process each parameter's shard is cast and copied into its compute copy in turn;
+  with several every shard is cast, then an all-gather buffer lives beside them and the copy:
+  the forward keeps each until the next unit's copy-out, the backward prefetches); the root's
+  copy is gathered by the first forward and freed only at the end of a backward (FSDP2 never
+  reshards its root after a forward), so it lives through the pre-pass into the update. With
+  several processes the backward prefetches: the root's pre-backward (the loss's gradient)
+  all-gathers the last block, whose buffer lives through the LM head's backward; each block's
+  pre-backward copies its gathered buffer out into its compute copy, then all-gathers the block
+  before (the buffer beside the running block, no copy-out until that block's own pre-backward).
+  Each unit's gradients are formed in bf16, copied into one fp32 reduce-scatter buffer (kept
+  until the next unit's reduction), reduced, and added to the fp32 gradient shards.
 - `--offload` (`train.cpu_offload`): masters, gradients and AdamW state on the host, where the
   optimizer step runs (for-loop AdamW); the device holds the compute copies, the reduce
   buffers, activations and kernel workspaces. Host load: the whole fp32 model, built on the host
@@ -40,9 +47,21 @@ How the trainer holds the model (the mode follows `--dtype`, `--world-size`, `--
 - fp32 compute, one process, no offload: the plain module, fp32 weights + gradients + AdamW
   (16 bytes per parameter), no compute copy. fp32 with several processes or offload: FSDP2
   without a mixed-precision policy (fp32 compute copies).
+- `--lora-rank R` (model.lora_rank, `resrl.lora`): the fake model gets peft's adapters through
+  `resrl.lora.apply` (A [R, in], B [out, R] in q, k, v, o, gate, up, down of every block) and runs
+  the project's forward and backward with them: the adapters' activations, and a backward that
+  forms no weight gradient for the frozen base, LM head and embeddings (the fused LM-head kernel
+  skips its weight GEMM), are measured. Under FSDP2 the base's shards stay in the compute dtype
+  (bf16: 2 bytes per parameter / world size; FSDP2 offloads them too with `--offload`), the
+  adapters' are fp32 masters with fp32 gradients and AdamW state (16 bytes per adapter parameter
+  / world size), the only ones stepped; the compute copies per unit (base and adapters, bf16) and
+  the root's as for full fine-tuning; the reduce buffers hold the adapters' gradients only. Load:
+  the base built in the compute dtype (2 B/param on the host, then the GPU without offload). fp32
+  in one process: the plain module, the base in fp32.
 - `--kl-reference` (algorithm.kl_coef > 0, or ACE): a frozen copy sharded like the policy in the
-  compute dtype (2 bytes per parameter / world size, on the host with offload); its root's copy,
-  gathered by its first forward and never freed (no backward reshards it), stays on the device.
+  compute dtype (2 bytes per parameter / world size, on the host with offload; a LoRA run's is its
+  base); its root's copy, gathered by its first forward and never freed (no backward reshards
+  it), stays on the device.
 
 Workspaces inside the kernels' custom ops are invisible to a tracker above `FakeTensorMode` (a
 fake implementation allocates only the outputs), so the tracker runs each op's own Python body
@@ -60,9 +79,11 @@ the worst case for a peak. FSDP2's buffers are modelled from its source (torch 2
 processes), and the tests hold the two together within 1% (tests/test_estimate.py).
 
 `resrl estimate --json` prints one JSON object. For one model:
-    {"model": str, "params": int (trained parameters, tied embeddings once),
-     "mode": {"dtype", "world_size", "offload", "kl_reference", "sharding": "fsdp2" | "none",
-              "state_bytes_per_param": 16},
+    {"model": str, "params": int (trained parameters, tied embeddings once; LoRA: the adapters'),
+     "frozen_params": int (LoRA: the base's; else 0),
+     "mode": {"dtype", "world_size", "offload", "kl_reference", "lora_rank": int (0: full
+              fine-tuning), "sharding": "fsdp2" | "none", "state_bytes_per_param": 16 (per
+              trained parameter)},
      "batch": {the StepShape fields}, "capacity_gib": [float], "reserve_gib": float,
      "path": "resrl", "device_peak_bytes": int, "host_peak_bytes": int,
      "phases": {"load" | "prepass" | "update" | "optimizer": {"device_bytes": int, "host_bytes": int}},
@@ -197,12 +218,16 @@ class Mode:
     device: str = "cuda"
     """"cuda": the Triton kernels' host code, foreach AdamW, 512-byte blocks; "cpu": the PyTorch
     kernels, for-loop AdamW, exact bytes (what `measure_cpu` measures)."""
+    lora_rank: int = 0
+    """model.lora_rank: > 0 trains LoRA adapters of this rank on a frozen base (`resrl.lora`)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype {self.dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
         if self.world_size < 1:
             raise InputError(f"--world-size must be >= 1, got {self.world_size}")
+        if self.lora_rank < 0:
+            raise InputError(f"--lora-rank must be >= 0, got {self.lora_rank}")
         if self.device not in ("cuda", "cpu"):
             raise InputError(f"device {self.device!r}: accepted cuda, cpu")
 
@@ -214,6 +239,10 @@ class Mode:
     def compute_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank > 0
+
     def describe(self) -> str:
         w = self.world_size
         if self.device == "cuda":
@@ -221,14 +250,28 @@ class Mode:
         else:
             ranks, where = f"{w} CPU process{'es' * (w > 1)}", "the CPU"
         where = "the host" if self.offload else where
+        per = f" / {w}" if w > 1 else ""
+        compute = "bf16" if self.dtype == "bfloat16" else "fp32"
+        size = self.compute_dtype.itemsize
         if not self.sharded:
             text = f"fp32 on {ranks}: plain module, weights, gradients and AdamW state (16 B/param)"
+            if self.lora:
+                text = (
+                    f"LoRA rank {self.lora_rank}, fp32 on {ranks}: plain module, frozen base (4 B/param), "
+                    "adapters' weights, gradients and AdamW state (16 B/adapter param)"
+                )
+        elif self.lora:
+            text = (
+                f"LoRA rank {self.lora_rank}, {compute} compute on {ranks}: FSDP2, frozen {compute} base "
+                f"({size} B/param{per}) and the adapters' fp32 masters, gradients and AdamW state "
+                f"(16 B/adapter param{per}) on {where}"
+            )
         else:
             text = (
-                f"{'bf16' if self.dtype == 'bfloat16' else 'fp32'} compute on {ranks}: FSDP2, fp32 master "
-                f"weights, gradients and AdamW state on {where} (16 B/param{f' / {w}' if w > 1 else ''})"
+                f"{compute} compute on {ranks}: FSDP2, fp32 master "
+                f"weights, gradients and AdamW state on {where} (16 B/param{per})"
             )
-        return text + (", a frozen KL reference (2 B/param)" if self.kl_reference else "")
+        return text + (f", a frozen KL reference ({size} B/param)" if self.kl_reference else "")
 
 
 @dataclass
@@ -237,6 +280,9 @@ class Estimate:
     path: str
     mode: Mode
     params: int
+    """Trained parameters (under LoRA: the adapters')."""
+    frozen: int = 0
+    """Frozen parameters of the policy (under LoRA: the base's)."""
     device: dict[str, int] = field(default_factory=dict)
     """Peak live device bytes per phase (per rank)."""
     host: dict[str, int] = field(default_factory=dict)
@@ -471,30 +517,44 @@ class _Fsdp:
         self.units = [list(layer.parameters()) for layer in layers] + [root]
         self.root = len(layers)
         compute = mode.compute_dtype.itemsize
+        # Trained parameters' shards are fp32 masters; frozen ones (a LoRA base) stay in the
+        # compute dtype they were loaded in (FSDP2 casts nothing for them).
+        trained = [[p.requires_grad for p in u] for u in self.units]
+        self._trained = [sum(t) for t in trained]
         padded = [[math.prod(_shard_shape(p, self.world)) * self.world for p in u] for u in self.units]
+        grads = [
+            sum(n for n, t in zip(u, ts, strict=True) if t) for u, ts in zip(padded, trained, strict=True)
+        ]
         self.copy = [sum(meter.bytes_of(n * compute) for n in u) for u in padded]
-        self.reduce_in = [meter.bytes_of(4 * sum(u)) for u in padded]
-        self.reduce_out = [meter.bytes_of(4 * sum(u) // self.world) for u in padded]
-        # The gather's transients: the shard copied to the device (offload), cast to the compute
-        # dtype, and the all-gather's flat buffer (several processes).
+        self.reduce_in = [meter.bytes_of(4 * g) for g in grads]
+        self.reduce_out = [meter.bytes_of(4 * g // self.world) for g in grads]
         self.gather = [
-            meter.bytes_of(
-                (4 * sum(u) // self.world if mode.offload else 0)
-                + (compute * sum(u) // self.world if compute != 4 else 0)
-                + (compute * sum(u) if self.world > 1 else 0)
-            )
-            for u in padded
+            self._gather_peak(u, ts, compute, meter) for u, ts in zip(padded, trained, strict=True)
         ]
         for p in policy.parameters():
             meter.register(p, None)
         for b in policy.buffers():
             meter.register(b)
         with meter.on_host(mode.offload):
-            self.shards = [
-                [torch.empty(_shard_shape(p, self.world), dtype=torch.float32) for p in u] for u in self.units
+            shards = [
+                [
+                    torch.empty(_shard_shape(p, self.world), dtype=torch.float32 if t else mode.compute_dtype)
+                    for p, t in zip(u, ts, strict=True)
+                ]
+                for u, ts in zip(self.units, trained, strict=True)
             ]
+        self.shards = [
+            [s for s, t in zip(u, ts, strict=True) if t] for u, ts in zip(shards, trained, strict=True)
+        ]
+        self.frozen = [
+            s for u, ts in zip(shards, trained, strict=True) for s, t in zip(u, ts, strict=True) if not t
+        ]
         if mode.kl_reference:
-            n = sum(math.prod(s.shape) for u in self.shards for s in u)
+            # The reference: the policy's model without adapters (a LoRA run's is its base).
+            adapters = _adapter_ids(policy)
+            n = sum(
+                math.prod(_shard_shape(p, self.world)) for p in policy.parameters() if id(p) not in adapters
+            )
             meter.hold("reference shards", meter.bytes_of(compute * n), self.place)
             meter.hold("reference root", self.copy[self.root])
         self._ready = [0] * len(self.units)
@@ -502,36 +562,90 @@ class _Fsdp:
             layer.register_forward_pre_hook(functools.partial(self._pre_forward, i))
             layer.register_forward_hook(functools.partial(self._post_forward, i))
             for p in layer.parameters():
-                p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, i))
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, i))
         policy.register_forward_pre_hook(lambda module, args: self._unshard(self.root, forward=True))
-        # The root's post-forward frees the last block's all-gather buffer.
-        policy.register_forward_hook(lambda module, args, out: self.meter.release("all-gather buffer"))
+        policy.register_forward_hook(self._root_post_forward)
+        self._prefetched: set[int] = set()
+        self._root_backward = False
 
     @property
     def train(self) -> list[torch.Tensor]:
         return [s for u in self.shards for s in u]
 
-    def _unshard(self, i: int, forward: bool = False) -> None:
+    def _gather_peak(self, padded: list[int], trained: list[bool], compute: int, meter: MemoryTracker) -> int:
+        """The bytes an unshard of one unit allocates at its fullest (FSDP2's `unshard` and
+        `wait_for_unshard`), beside what was live, parameters in FSDP2's order. A parameter's
+        all-gather input: its shard copied to the device (offload; the shard itself otherwise),
+        cast to the compute dtype when it is a trained fp32 master (a frozen one is already in it).
+        One process: no collective; parameter after parameter, the input is made (the previous
+        one still referenced), then its compute copy allocated beside it and filled. Several: every
+        input made, then the flat all-gather buffer (the whole unit in the compute dtype) beside
+        them (the copy-out comes after, `_unshard`)."""
+        w, offload = self.world, self.mode.offload
+        peak = copies = previous = inputs = 0
+        for n, t in zip(padded, trained, strict=True):
+            shard = n // w
+            orig = meter.bytes_of(shard * (4 if t else compute))
+            cast = meter.bytes_of(shard * compute) if t and compute != 4 else 0
+            made = cast or (orig if offload else 0)
+            transient = (orig if offload else 0) + cast
+            if w == 1:
+                peak = max(peak, copies + previous + transient)
+                copies += meter.bytes_of(n * compute)
+                peak = max(peak, copies + made)
+                previous = made
+            else:
+                peak = max(peak, inputs + transient)
+                inputs += made
+        if w > 1:
+            peak = max(peak, inputs + meter.bytes_of(compute * sum(padded)))
+        return peak
+
+    def _unshard(self, i: int, forward: bool = False, prefetch: bool = False) -> None:
         """Unit i's compute copy, held until resharded. With several processes the all-gather
-        fills a flat buffer first: a prefetched unit holds it (same bytes) until its copy-out, and
-        in the forward each buffer is kept until the next unit's copy-out (to overlap the two)."""
+        fills a flat buffer first, and the copy-out allocates the copy beside it. A prefetched
+        unit (the backward's) holds the buffer (same bytes as the copy) until its own
+        pre-backward, where the copy-out takes its place; in the forward each buffer is kept
+        until the next unit's copy-out (to overlap the two). With one process there is no
+        buffer: the prefetch allocates nothing, the copy is made at the unit's own unshard."""
         m = self.meter
-        if m.held(("copy", i)):
-            if self.world > 1:
-                m.spike(self.copy[i])
+        if i in self._prefetched:
+            self._prefetched.discard(i)
+            m.spike(self.copy[i])
+            return
+        if m.held(("copy", i)) or (prefetch and self.world == 1):
             return
         if self.world == 1:
-            # The shard cast to the compute dtype, copied into the new compute copy.
-            m.hold(("copy", i), self.copy[i])
+            # Each shard (cast to the compute dtype) copied into its new compute copy.
             m.spike(self.gather[i])
+            m.hold(("copy", i), self.copy[i])
             return
         # The cast shard copied into the flat buffer and gathered; then the copy-out beside it.
         m.spike(self.gather[i])
         m.hold(("copy", i), self.copy[i])
+        if prefetch:
+            self._prefetched.add(i)
+            return
         m.spike(self.copy[i])
         if forward:
             m.release("all-gather buffer")
             m.hold("all-gather buffer", self.copy[i])
+
+    def _root_post_forward(self, module, args, out) -> None:
+        """The root's post-forward frees the last block's all-gather buffer; its pre-backward
+        (the first gradient of one of its outputs: the loss) prefetches the last block, whose
+        buffer then lives through the LM head's backward."""
+        self.meter.release("all-gather buffer")
+        if torch.is_grad_enabled():
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(lambda grad: self._root_pre_backward())
+
+    def _root_pre_backward(self) -> None:
+        if not self._root_backward:
+            self._root_backward = True
+            self._unshard(self.root - 1, prefetch=True)
 
     def _pre_forward(self, i: int, module, args) -> None:
         # A checkpointed block's recomputation: its copy was gathered at its pre-backward.
@@ -549,14 +663,13 @@ class _Fsdp:
 
     def _pre_backward(self, i: int) -> None:
         self._unshard(i)
-        # The backward prefetches the block before (its all-gather; with one process the prefetch
-        # allocates nothing until that block's own pre-backward).
-        if self.world > 1 and i > 0:
-            self._unshard(i - 1)
+        # The backward prefetches the block before: its all-gather (module docstring).
+        if i > 0:
+            self._unshard(i - 1, prefetch=True)
 
     def _grad_ready(self, i: int, p) -> None:
         self._ready[i] += 1
-        if self._ready[i] == len(self.units[i]):
+        if self._ready[i] == self._trained[i]:
             self._ready[i] = 0
             self._post_backward(i)
 
@@ -581,6 +694,7 @@ class _Fsdp:
         """The root's post-backward and the release of the last reduce-scatter input."""
         self._post_backward(self.root)
         self.meter.release("reduce-scatter input")
+        self._root_backward = False
 
 
 # --------------------------------------------------------------------------- the phases
@@ -610,6 +724,29 @@ def _qwen3(dims: dict, dtype: torch.dtype, shape: StepShape):
     if shape.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _adapter_ids(module: torch.nn.Module) -> set[int]:
+    """The LoRA adapters' parameters of `module` (none without LoRA)."""
+    from resrl.lora import ADAPTER
+
+    pieces = (f".lora_A.{ADAPTER}.", f".lora_B.{ADAPTER}.")
+    return {id(p) for name, p in module.named_parameters() if any(k in name for k in pieces)}
+
+
+def _inject_lora(net, rank: int, dtype: torch.dtype, *, fake: bool) -> None:
+    """`resrl.lora.apply` as the trainer calls it: the base (built in `dtype`) frozen, fp32
+    adapters of `rank` in every linear layer of the decoder blocks. On fake tensors `Module.to`
+    is a no-op: the base is already in `dtype` (fake parameters cannot be converted in place), and
+    the adapters' round trip through the base's dtype ends in fp32 either way."""
+    from resrl import lora
+    from resrl.config import Config
+
+    cfg = Config()
+    cfg.model.lora_rank = rank
+    no_to = mock.patch.object(torch.nn.Module, "to", lambda self, *args, **kwargs: self)
+    with no_to if fake else contextlib.nullcontext():
+        lora.apply(net, cfg, dtype)
 
 
 def micro_batch(shape: StepShape, vocab: int) -> dict[str, torch.Tensor]:
@@ -732,31 +869,39 @@ def _load(tracker: MemoryTracker, dims: dict, shape: StepShape, mode: Mode) -> d
     whole model (fp32 on the host; in the compute dtype once moved to the GPU) beside the
     policy's master shards, before any AdamW state."""
     gpu = mode.device == "cuda"
+    # A LoRA base is loaded in the compute dtype, its fp32 adapters injected in place (`resrl.lora`).
+    dtype = mode.compute_dtype if mode.lora else torch.float32
     with tracker.phase("load"), tracker.on_host(gpu):
-        net = _qwen3(dims, torch.float32, shape)
+        net = _qwen3(dims, dtype, shape)
+        built = tracker.peak["host" if gpu else "device"]
+        if mode.lora:
+            _inject_lora(net, mode.lora_rank, dtype, fake=True)
     out = dict(tracker.peaks["load"])
     params = list(net.parameters())
-    fp32 = sum(tracker.bytes_of(4 * p.numel()) for p in params)
-    built = out["host" if gpu else "device"]
+    whole = sum(tracker.bytes_of(p.element_size() * p.numel()) for p in params)
+    adapters = _adapter_ids(net)
+    base = [p for p in params if id(p) not in adapters]
     if not mode.sharded:
         if gpu:
-            out["device"] = fp32
+            out["device"] = whole
         if mode.kl_reference:
-            # The plain module's frozen copy, built beside it.
-            out["device"] = max(out["device"], fp32 + built)
+            # The plain module's frozen copy (a LoRA run's: its base), built beside it.
+            out["device"] = max(out["device"], whole + built)
         return out
     where = "host" if mode.offload and gpu else "device"
     layers = [list(layer.parameters()) for layer in net.model.layers]
     in_layers = {id(p) for u in layers for p in u}
-    live = peak = fp32
+    live = peak = whole
     for unit in [*layers, [p for p in params if id(p) not in in_layers]]:
-        shards = sum(tracker.bytes_of(4 * math.prod(_shard_shape(p, mode.world_size))) for p in unit)
+        shards = sum(
+            tracker.bytes_of(p.element_size() * math.prod(_shard_shape(p, mode.world_size))) for p in unit
+        )
         peak = max(peak, live + shards)
-        live += shards - sum(tracker.bytes_of(4 * p.numel()) for p in unit)
+        live += shards - sum(tracker.bytes_of(p.element_size() * p.numel()) for p in unit)
     out[where] = max(out[where], peak)
     if mode.kl_reference:
         if where == "device":
-            compute = sum(tracker.bytes_of(mode.compute_dtype.itemsize * p.numel()) for p in params)
+            compute = sum(tracker.bytes_of(mode.compute_dtype.itemsize * p.numel()) for p in base)
             out["device"] = max(out["device"], live + compute + compute // mode.world_size)
         else:
             out[where] = max(out[where], live + built)
@@ -787,6 +932,14 @@ def estimate(
     inputs = micro_batch(shape, dims["vocab"])
     with _kernel_impl("triton" if gpu else "torch"), FakeTensorMode(allow_non_fake_inputs=True):
         net = _qwen3(dims, mode.compute_dtype, shape)
+        if mode.lora:
+            _inject_lora(net, mode.lora_rank, mode.compute_dtype, fake=True)
+            if mode.sharded:
+                # The parameters stand for FSDP2's compute copies: the adapters' too (their fp32
+                # masters are `_Fsdp`'s shards).
+                for p in net.parameters():
+                    if p.requires_grad:
+                        p.data = p.data.to(mode.compute_dtype)
         policy = Policy(net, forward_fn=_bench_step().reference_forward if path == "reference" else None)
         tracker = (
             MemoryTracker(CUDA_BLOCK) if gpu else MemoryTracker(1, {**_ATEN_WORKSPACE, **_CPU_WORKSPACE})
@@ -800,7 +953,9 @@ def estimate(
                 for t in [*policy.parameters(), *policy.buffers()]:
                     tracker.register(t)
                 if mode.kl_reference:
-                    tracker.hold("reference", sum(tracker.bytes_of(4 * p.numel()) for p in train))
+                    adapters = _adapter_ids(policy)
+                    ref = [p for p in policy.parameters() if id(p) not in adapters]
+                    tracker.hold("reference", sum(tracker.bytes_of(4 * p.numel()) for p in ref))
             run_phases(policy, tracker, shape, inputs, mode, train=train, fsdp=fsdp)
         loader = MemoryTracker(tracker.round_to)
         with loader:
@@ -810,7 +965,8 @@ def estimate(
         model if isinstance(model, str) else "custom",
         path,
         mode,
-        sum(p.numel() for p in policy.parameters()),
+        sum(p.numel() for p in policy.parameters() if p.requires_grad),
+        sum(p.numel() for p in policy.parameters() if not p.requires_grad),
         device={k: peaks[k]["device"] for k in PHASES},
         host={k: peaks[k]["host"] for k in PHASES},
     )
@@ -859,11 +1015,18 @@ def _fully_shard(policy, bf16: bool) -> None:
 
 
 def measure_cpu(
-    model: str | dict, shape: StepShape, *, path: str = "resrl", dtype: str = "float32", world_size: int = 1
+    model: str | dict,
+    shape: StepShape,
+    *,
+    path: str = "resrl",
+    dtype: str = "float32",
+    world_size: int = 1,
+    lora_rank: int = 0,
 ) -> dict[str, int]:
     """The same phases on real tensors on the CPU, no offload, in the trainer's mode for `dtype`
     and `world_size` (fp32 in one process: the plain module; else FSDP2, bf16 compute with fp32
-    masters for bf16, on a one-process gloo group, or as rank 0 of a fake group of `world_size`):
+    masters for bf16, on a one-process gloo group, or as rank 0 of a fake group of `world_size`),
+    `lora_rank` > 0: LoRA adapters on a frozen base built in the compute dtype (`resrl.lora.apply`):
     the peak per phase of the CPU allocator's running total of live bytes, read from the
     profiler's allocation events (every allocation of the process, inside the kernels' ops and
     FSDP2 too; the model is built inside the profiled region, so the total starts from it)."""
@@ -871,7 +1034,7 @@ def measure_cpu(
 
     from resrl.distributed import Policy
 
-    mode = Mode(dtype=dtype, world_size=world_size, device="cpu")
+    mode = Mode(dtype=dtype, world_size=world_size, device="cpu", lora_rank=lora_rank)
     dims = _dims(model)
     inputs = micro_batch(shape, dims["vocab"])
     meter = _Allocator()
@@ -883,7 +1046,9 @@ def measure_cpu(
         torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
     ):
         with meter.phase("load"):
-            net = _qwen3(dims, torch.float32, shape)
+            net = _qwen3(dims, mode.compute_dtype if mode.lora else torch.float32, shape)
+            if mode.lora:
+                _inject_lora(net, lora_rank, mode.compute_dtype, fake=False)
             policy = Policy(net, forward_fn=_bench_step().reference_forward if path == "reference" else None)
             if mode.sharded:
                 _fully_shard(policy, mode.dtype == "bfloat16")
@@ -942,11 +1107,13 @@ def _report(
     return {
         "model": name,
         "params": top.params,
+        "frozen_params": top.frozen,
         "mode": {
             "dtype": m.dtype,
             "world_size": m.world_size,
             "offload": m.offload,
             "kl_reference": m.kl_reference,
+            "lora_rank": m.lora_rank,
             "sharding": "fsdp2" if m.sharded else "none",
             "state_bytes_per_param": STATE_BYTES,
         },
@@ -986,7 +1153,11 @@ def main(args) -> int:
             f"--mini-batch-prompts {shape.mini_batch_prompts} must be a multiple of --world-size {args.world_size}"
         )
     mode = Mode(
-        dtype=args.dtype, world_size=args.world_size, offload=args.offload, kl_reference=args.kl_reference
+        dtype=args.dtype,
+        world_size=args.world_size,
+        offload=args.offload,
+        kl_reference=args.kl_reference,
+        lora_rank=args.lora_rank,
     )
     reports = []
     for name in args.model:
@@ -1000,9 +1171,13 @@ def main(args) -> int:
         rows = [estimate(name, shape, path=p, mode=mode) for p in paths]
         reports.append(_report(name, rows, shape, capacities, args.reserve))
         if not args.json:
-            print(
-                f"{rows[0].params / 1e9:.2f} B trained parameters; GiB per rank, device per phase, then peaks"
-            )
+            trained = f"{rows[0].params / 1e9:.2f} B trained parameters"
+            if mode.lora:
+                trained = (
+                    f"{rows[0].params / 1e6:.1f} M trained parameters (the adapters) "
+                    f"on a {rows[0].frozen / 1e9:.2f} B frozen base"
+                )
+            print(f"{trained}; GiB per rank, device per phase, then peaks")
             print(table(rows, capacities, args.reserve), flush=True)
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else {"models": reports}))
