@@ -255,12 +255,27 @@ def test_readme_lists_exactly_the_resume_safe_keys():
 
 
 def test_rl_seconds_add_up_across_a_kill(tmp_path):
-    """A run killed after its checkpoint at step 1 and resumed counts the time before the kill."""
-    proc = _start(_cmd(tmp_path, "train.steps=3", "run.checkpoint_every=1"), tmp_path)
-    ckpt = tmp_path / "run" / "checkpoints" / "step_000001"
-    _wait_for(lambda: checkpoint.latest(tmp_path / "run") == ckpt, proc)
-    proc.kill()
-    proc.wait()
+    """A run killed right after its checkpoint at step 1 (the process ends as under kill -9) and
+    resumed counts the time before the kill."""
+    args = _cmd(tmp_path, "train.steps=3", "run.checkpoint_every=1")[3:]
+    script = tmp_path / "die_after_step_1.py"
+    script.write_text(
+        "import os, sys\n"
+        "from resrl import checkpoint\n"
+        "save = checkpoint.save\n"
+        "def save_then_die(run_dir, step, **kwargs):\n"
+        "    path = save(run_dir, step, **kwargs)\n"
+        "    if step == 1:\n"
+        "        os._exit(137)\n"
+        "    return path\n"
+        "checkpoint.save = save_then_die\n"
+        "from resrl.cli import main\n"
+        f"sys.exit(main({args!r}))\n"
+    )
+    killed = _run([sys.executable, str(script)], tmp_path)
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    ckpt = checkpoint.latest(tmp_path / "run")
+    assert ckpt.name == "step_000001"
     before = checkpoint.load_meta(ckpt)["history"]["rl_seconds"]
     assert before > 0
     resumed = _run(_cmd(tmp_path, "train.steps=3", "run.checkpoint_every=1"), tmp_path)
