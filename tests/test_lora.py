@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,7 @@ def test_a_killed_lora_run_resumes_to_the_uninterrupted_result(tmp_path):
     proc = subprocess.Popen(cmd, cwd=part, env=_env(), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     latest = part / "run" / "checkpoints" / "latest"
     while not latest.exists() and proc.poll() is None:
-        pass
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = _train(part, *args)
