@@ -608,6 +608,24 @@ def barrier(world: World) -> None:
         torch.distributed.barrier()
 
 
+@contextlib.contextmanager
+def folder_written_whole(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path` to write into; on success it replaces `path` (the old
+    one set aside, then removed), so a crash leaves the previous folder (or none), never a partial
+    one. Leftovers of an earlier crash are removed first."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(path.parent)
+
+
 def export_hf(
     path: str | os.PathLike,
     policy: nn.Module,
@@ -645,24 +663,14 @@ def export_hf(
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if world.is_main:
-        # Written beside the target and renamed into place: a crash leaves the previous folder (or
-        # none), never a partial one.
-        path = Path(path)
-        tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-        for leftover in (tmp, old):
-            shutil.rmtree(leftover, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        if dtype is not None:
-            # save_pretrained writes the dtype of the module (here fp32 masters), not of the weights.
-            config_file = tmp / "config.json"
-            config = json.loads(config_file.read_text())
-            config["dtype"] = str(dtype).removeprefix("torch.")
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tokenizer.save_pretrained(tmp)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(path.parent)
+        with folder_written_whole(path) as tmp:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if dtype is not None:
+                # save_pretrained writes the dtype of the module (here fp32 masters), not the weights'.
+                config_file = tmp / "config.json"
+                config = json.loads(config_file.read_text())
+                config["dtype"] = str(dtype).removeprefix("torch.")
+                config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            tokenizer.save_pretrained(tmp)
     # Other ranks may read the folder next (each rank's vLLM engine starts from it).
     barrier(world)

@@ -178,27 +178,18 @@ def save_adapter(
 ) -> None:
     """A PEFT adapter folder at `path` (written to a temporary folder, then renamed): config naming
     `base` (the base model folder) and the adapter's weights (`adapter_state`)."""
-    import shutil
-
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    from resrl.checkpoint import folder_written_whole
+
     config = model.peft_config[ADAPTER].to_dict()
     config["base_model_name_or_path"] = str(Path(base).resolve())
-    config["target_modules"] = config["target_modules"]
     for key, value in list(config.items()):
         if isinstance(value, set):
             config[key] = sorted(value)
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with folder_written_whole(path) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
 def on_base(cfg: Config, base: str) -> Config:
