@@ -92,14 +92,16 @@ def _seed_list(text: str) -> list[int]:
 
 
 def _variant_list(text: str) -> list[str]:
-    from resrl.compare import VARIANTS
+    from resrl.compare import VARIANTS, variant_overrides
 
     variants = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise argparse.ArgumentTypeError(
-            f"unknown variants {unknown or text!r}; accepted: comma-separated from {','.join(VARIANTS)}"
-        )
+    if not variants:
+        raise argparse.ArgumentTypeError(f"no variants in {text!r}; accepted: comma-separated from {','.join(VARIANTS)}")
+    for v in variants:
+        try:
+            variant_overrides(v)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     if len(set(variants)) < len(variants):
         raise argparse.ArgumentTypeError(f"variants must not repeat, got {text!r}")
     return variants
@@ -345,9 +347,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = resolve(preset, args.config, args.overrides)
     _check_runnable(cfg)
     # A stop is taken at a training step's end (the run's checkpoint); the same command resumes.
+    from resrl.compare import parse_variant_sets
+
+    sets = parse_variant_sets(args.set, args.variants)
     with interrupt.stoppable():
         run_comparison(
-            preset, args.config, args.overrides, variants=args.variants, seeds=args.seeds, name=args.name
+            preset,
+            args.config,
+            args.overrides,
+            variants=args.variants,
+            seeds=args.seeds,
+            name=args.name,
+            variant_sets=sets,
+            warm_starts=args.warm_starts,
         )
     out = Path(cfg.run.out_dir) / args.name
     print((out / "compare.md").read_text())
@@ -435,10 +447,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         type=_variant_list,
         default=list(VARIANTS),
-        help=f"comma-separated, from {','.join(VARIANTS)} (default: all)",
+        help=f"comma-separated, from {','.join(VARIANTS)} (default: all); any of them with -lora<R> "
+        "appended trains LoRA adapters of rank R (e.g. resrl-lora8)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="VARIANT:KEY=VALUE",
+        help="an override for one variant only, repeatable (e.g. resrl-lora8:optim.lr=2e-3)",
     )
     p.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="comma-separated ints (default 0,1,2)")
     p.add_argument("--name", default="compare", help="folder under run.out_dir")
+    p.add_argument(
+        "--warm-starts",
+        default=None,
+        metavar="DIR",
+        help="share the warm starts (warm_start-s<seed>) of another comparison's folder, e.g. runs/compare",
+    )
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser(
         "plot", help="overlay pass@k curves of several evaluations in one PNG", parents=[debug]

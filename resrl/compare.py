@@ -32,6 +32,34 @@ VARIANTS: dict[str, list[str]] = {
     "r2po-tis": ["algorithm.objective=grpo", "r2po.enabled=true", "r2po.head_lr=1e-3", "algorithm.tis_cap=2"],
 }
 TABLE_KEYS = ("pass@1", "avg@", "maj@", "distinct_correct_solutions")
+LORA_SUFFIX = "-lora"
+
+
+def variant_overrides(name: str) -> list[str]:
+    """The overrides of a variant: one of VARIANTS, or one of them with `-lora<R>` appended (the same
+    objective training LoRA adapters of rank R on top of the shared warm start, e.g. `resrl-lora8`)."""
+    if name in VARIANTS:
+        return list(VARIANTS[name])
+    base, sep, rank = name.rpartition(LORA_SUFFIX)
+    if sep and base in VARIANTS and rank.isdigit() and int(rank) > 0:
+        return [*VARIANTS[base], f"model.lora_rank={int(rank)}"]
+    raise InputError(
+        f"unknown variant {name!r}; available: {', '.join(VARIANTS)}, each also as <variant>{LORA_SUFFIX}<rank>"
+        f" (LoRA of that rank, e.g. resrl{LORA_SUFFIX}8)"
+    )
+
+
+def parse_variant_sets(items: list[str], variants: list[str]) -> dict[str, list[str]]:
+    """`VARIANT:key=value` items (`--set`) -> {variant: [key=value, ...]}, for the named variants only."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        variant, sep, override = item.partition(":")
+        if not sep or "=" not in override:
+            raise InputError(f"--set {item!r}: expected VARIANT:key=value, e.g. resrl-lora8:optim.lr=2e-3")
+        if variant not in variants:
+            raise InputError(f"--set {item!r}: variant {variant!r} is not among --variants ({', '.join(variants)})")
+        out.setdefault(variant, []).append(override)
+    return out
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -46,24 +74,34 @@ def run_comparison(
     variants: list[str],
     seeds: list[int],
     name: str = "compare",
+    variant_sets: dict[str, list[str]] | None = None,
+    warm_starts: str | Path | None = None,
 ) -> dict[str, Any]:
+    """`variant_sets`: extra overrides per variant (e.g. its own learning rate), after the shared ones.
+    `warm_starts`: the folder holding `warm_start-s<seed>` (another comparison's, to share its warm
+    starts; one missing there is made there); default this comparison's own folder."""
     from resrl.guards import check_writable
     from resrl.trainer import Trainer
 
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise InputError(f"unknown variants {unknown}; available: {', '.join(VARIANTS)}")
     if not variants:
         raise InputError(f"give at least one variant; available: {', '.join(VARIANTS)}")
     if not seeds:
         raise InputError("give at least one seed")
     if len(set(seeds)) < len(seeds) or len(set(variants)) < len(variants):
         raise InputError(f"seeds {seeds} and variants {variants} must not repeat")
+    per_variant = {v: variant_overrides(v) + list((variant_sets or {}).get(v, [])) for v in variants}
+    for extra in (variant_sets or {}):
+        if extra not in per_variant:
+            raise InputError(f"overrides given for {extra!r}, which is not among the variants {variants}")
     base = resolve(preset, config_file, overrides)
+    for v, extra in per_variant.items():
+        # A bad per-variant override is refused before any warm start runs.
+        resolve(preset, config_file, [*overrides, *extra])
     root = check_writable(Path(base.run.out_dir) / name, what="config run.out_dir")
     results: dict[str, dict[int, dict]] = {v: {} for v in variants}
+    starts = root if warm_starts is None else check_writable(Path(warm_starts), what="--warm-starts")
     for seed in seeds:
-        start = root / f"warm_start-s{seed}"
+        start = starts / f"warm_start-s{seed}"
         if not (start / "config.json").is_file():
             warm = Trainer(
                 resolve(
@@ -72,7 +110,7 @@ def run_comparison(
                     [
                         *overrides,
                         f"run.seed={seed}",
-                        f"run.out_dir={root}",
+                        f"run.out_dir={starts}",
                         f"run.name=warm_start-s{seed}-run",
                         "train.steps=1",
                     ],
@@ -88,7 +126,7 @@ def run_comparison(
                 config_file,
                 [
                     *overrides,
-                    *VARIANTS[variant],
+                    *per_variant[variant],
                     f"run.seed={seed}",
                     f"run.out_dir={root}",
                     f"run.name={variant}-s{seed}",

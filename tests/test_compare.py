@@ -34,8 +34,43 @@ def test_comparison_shares_the_warm_start_and_writes_table_and_plot(tmp_path):
 
 
 def test_unknown_variant(tmp_path):
-    with pytest.raises(ValueError, match="unknown variants \\['ppo'\\]; available: grpo, psr"):
+    with pytest.raises(ValueError, match="unknown variant 'ppo'; available: grpo, psr.*resrl-lora8"):
         run_comparison("tiny", None, [f"run.out_dir={tmp_path}"], variants=["ppo"], seeds=[0])
+    for bad in ("grpo-lora0", "grpo-lora", "ppo-lora8", "grpo-lorax"):
+        with pytest.raises(ValueError, match=f"unknown variant '{bad}'"):
+            run_comparison("tiny", None, [f"run.out_dir={tmp_path}"], variants=[bad], seeds=[0])
+
+
+def test_lora_variants_share_the_warm_start_with_their_own_lr(tmp_path, capsys):
+    """`<variant>-lora<R>` trains adapters of rank R on the shared warm start; `--set` gives one
+    variant its own learning rate; `--warm-starts` reuses another comparison's warm starts."""
+    out = f"run.out_dir={tmp_path}"
+    args = ["compare", "--preset", "tiny", *SMALL, out, "--seeds", "0", "--variants", "grpo,grpo-lora4"]
+    assert main([*args, "--set", "grpo-lora4:optim.lr=3e-3"]) == 0
+    root = tmp_path / "compare"
+    full = json.loads((root / "grpo-s0" / "config.json").read_text())
+    lora = json.loads((root / "grpo-lora4-s0" / "config.json").read_text())
+    assert full["model"]["lora_rank"] == 0 and lora["model"]["lora_rank"] == 4
+    assert lora["optim"]["lr"] == 3e-3 and full["optim"]["lr"] == 3e-4
+    assert lora["model"]["path"] == full["model"]["path"] == str(root / "warm_start-s0")
+    assert (root / "grpo-lora4-s0" / "final_adapter" / "adapter_config.json").is_file()
+    runs = json.loads((root / "compare.json").read_text())["runs"]
+    assert runs["grpo"]["0"]["eval_before"] == runs["grpo-lora4"]["0"]["eval_before"]
+    assert "| grpo-lora4 | " in capsys.readouterr().out
+    # A second comparison on the first one's warm start makes none of its own.
+    assert main([*args[:-1], "grpo-lora2", "--name", "again", "--warm-starts", str(root)]) == 0
+    assert not (tmp_path / "again" / "warm_start-s0").exists()
+    again = json.loads((tmp_path / "again" / "grpo-lora2-s0" / "config.json").read_text())
+    assert again["model"]["path"] == str(root / "warm_start-s0")
+    # Mistakes are one line, before any work.
+    for extra, message in (
+        (["--set", "resrl:optim.lr=1"], "variant 'resrl' is not among --variants"),
+        (["--set", "grpo-lora4"], "expected VARIANT:key=value"),
+        (["--set", "grpo-lora4:optim.lr=-1"], "optim.lr"),
+    ):
+        assert main([*args, "--name", "bad", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "warm_start-s0").exists()
 
 
 def test_eval_cli_on_a_trained_run(tmp_path, capsys):
