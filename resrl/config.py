@@ -179,9 +179,15 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     """vllm on a GPU: share of its memory the engine may take (weights + KV cache), the rest is
     left to training."""
+    lora_serving: str = "merged"
+    """How the vllm engine samples a LoRA policy (model.lora_rank > 0): merged (the merged weights
+    W + (alpha/r) B A streamed in after every step; faster sampling, README "LoRA") or adapter (the
+    engine holds the frozen base and serves the adapter with vLLM's LoRA support, a PEFT folder
+    written per sync)."""
 
     def validate(self) -> None:
         _choice("rollout.engine", self.engine, ENGINES)
+        _choice("rollout.lora_serving", self.lora_serving, LORA_SERVING)
         _at_least("rollout.n", self.n, 1)
         if not self.temperature > 0:
             _fail("rollout.temperature", f"training rollouts need temperature > 0, got {self.temperature}")
@@ -467,6 +473,9 @@ class RunConfig:
 
 R2PO_HEAD_ADVANTAGES = ("rarity", "grpo")
 R2PO_KL_TARGETS = ("reference", "policy")
+LORA_SERVING = ("merged", "adapter")
+# vLLM's largest max_lora_rank (its accepted values: 1, 8, 16, 32, 64, 128, 256, 320, 512).
+LORA_SERVING_MAX_RANK = 512
 
 
 @dataclass
@@ -554,6 +563,18 @@ class Config:
                 "group of one has advantage 0 and nothing is learned; use rollout.n >= 2, "
                 "algorithm.advantage=reinforce, or objective psr, nsr or w_reinforce",
             )
+        if self.rollout.lora_serving == "adapter":
+            needs = []
+            if self.model.lora_rank == 0:
+                needs.append("model.lora_rank > 0 (a LoRA policy)")
+            if self.rollout.engine != "vllm":
+                needs.append("rollout.engine=vllm (the hf engine samples the adapted model itself)")
+            if self.r2po.enabled:
+                needs.append("r2po.enabled=false (π_roll's vLLM model class has no LoRA support here)")
+            if self.model.lora_rank > LORA_SERVING_MAX_RANK:
+                needs.append(f"model.lora_rank <= {LORA_SERVING_MAX_RANK} (vLLM's largest)")
+            if needs:
+                _fail("rollout.lora_serving", f"adapter needs {' and '.join(needs)}; or use merged (the default)")
         if self.r2po.enabled and self.rollout.n < 2:
             _fail(
                 "rollout.n",
@@ -738,6 +759,8 @@ RESUME_SAFE_KEYS = (
     "model.attn_implementation",
     "algorithm.resrl_weights",
     "rollout.gpu_memory_utilization",
+    # The same policy sampled either way (merged weights or vLLM's LoRA layers; rounding apart).
+    "rollout.lora_serving",
 )
 # Keys that fix the shapes of the saved weights: not even run.resume=force can change them.
 SHAPE_KEYS = (

@@ -192,6 +192,22 @@ def save_adapter(
         save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
+def local_folder(base: str) -> str:
+    """`base` as a local folder: itself, or a Hugging Face Hub id's cached snapshot (what vLLM
+    serving the adapter and the adapter's config name)."""
+    if Path(base).is_dir():
+        return str(base)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(base, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means the same to the user
+        raise ConfigError(
+            f"config model.path {base!r}: not a local folder nor a downloaded Hugging Face Hub model "
+            f"({type(e).__name__}); rollout.lora_serving=adapter serves the base from a local folder"
+        ) from None
+
+
 def on_base(cfg: Config, base: str) -> Config:
     """`cfg` with model.path = `base` (what the LoRA policy and its reference are loaded from)."""
     import copy

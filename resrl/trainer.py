@@ -129,7 +129,11 @@ class Trainer(RunState):
         )
         self.reward_fn = get_batch_reward(cfg.algorithm.reward)
         engine_dir = None
-        if cfg.rollout.engine == "vllm":
+        serve_adapter = cfg.rollout.engine == "vllm" and cfg.rollout.lora_serving == "adapter"
+        if serve_adapter:
+            # vLLM serves the adapter on the frozen base; each sync writes the adapter.
+            engine_dir = lora.local_folder(self.lora_base)
+        elif cfg.rollout.engine == "vllm":
             # The engine starts from a Hugging Face folder; later weights are streamed in place.
             engine_dir = self.run_dir / "rollout_init"
             self.export(engine_dir)
@@ -143,7 +147,13 @@ class Trainer(RunState):
             seed=cfg.run.seed,
             rollout_head=head is not None,
             dtype=self.compute_dtype,
+            lora_rank=cfg.model.lora_rank if serve_adapter else 0,
+            adapter_dir=str(self.run_dir / "rollout_adapter" / f"rank{self.world.rank}"),
+            tokenizer_dir=cfg.data.tokenizer if serve_adapter else None,
         )
+        if serve_adapter:
+            # The adapter the engine samples until the first update (B = 0: the base itself).
+            self.engine.sync_weights(self.model)
         # What a step trains: the policy, or (R²PO) the policy and the rollout head in turn.
         self.policy_stage = Stage.policy(
             self.policy,

@@ -65,6 +65,19 @@ def _train(out, *extra, launcher=(sys.executable, "-m", "resrl")) -> subprocess.
         (["model.lora_targets=[q_proj]"], "but model.lora_targets is set"),
         (["model.lora_rank=-1"], "model.lora_rank"),
         (["model.lora_rank=4", "model.lora_dropout=1.5"], "model.lora_dropout: must be in [0, 1)"),
+        (["rollout.lora_serving=both"], "rollout.lora_serving"),
+        (
+            ["rollout.lora_serving=adapter"],
+            "rollout.lora_serving: adapter needs model.lora_rank > 0 (a LoRA policy) and rollout.engine=vllm",
+        ),
+        (
+            ["rollout.lora_serving=adapter", "model.lora_rank=8", "rollout.engine=vllm", "r2po.enabled=true"],
+            "adapter needs r2po.enabled=false",
+        ),
+        (
+            ["rollout.lora_serving=adapter", "model.lora_rank=1024", "rollout.engine=vllm"],
+            "adapter needs model.lora_rank <= 512 (vLLM's largest); or use merged (the default)",
+        ),
     ],
 )
 def test_lora_settings_are_checked_in_one_line(overrides, message):
@@ -277,3 +290,13 @@ def test_hf_tensors_merge_like_peft():
     assert set(ours) <= set(theirs) and len(ours) >= len(theirs) - 1  # lm_head: tied, listed once
     for name, value in ours.items():
         torch.testing.assert_close(value, theirs[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_base_served_to_vllm_is_a_local_folder(tmp_path):
+    from resrl import lora
+
+    assert lora.local_folder(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        lora.local_folder("nobody-here/no-such-model-xyz")
+    assert "not a local folder nor a downloaded Hugging Face Hub model" in str(info.value)
+    assert "\n" not in str(info.value)

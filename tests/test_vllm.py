@@ -398,6 +398,88 @@ def test_a_lora_policy_streams_its_merged_weights(engine, base, prompts):
     assert max_error(base, samples, 1.0) > STALE
 
 
+def _adapted(base, rank: int, seed: int, targets: str | None = None):
+    from resrl import lora
+    from resrl.config import resolve
+
+    overrides = [f"model.lora_rank={rank}"] + ([f"model.lora_targets={targets}"] if targets else [])
+    adapted = lora.apply(copy.deepcopy(base), resolve("tiny", overrides=overrides), torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+    return adapted
+
+
+@pytest.mark.parametrize("targets", [None, "[q_proj,v_proj,down_proj]"])
+def test_an_engine_serving_the_adapter_samples_the_adapted_policy(base, tok, model_dir, prompts, tmp_path, targets):
+    """rollout.lora_serving=adapter: the engine holds the base and serves the adapter (vLLM's LoRA
+    layers, a PEFT folder and a new LoRARequest per sync); its log-probs equal the adapted trainer's,
+    a second sync replaces the first adapter, and only the live adapter's folder stays on disk.
+    Rank 4 is served as vLLM's max_lora_rank 8; q/v without k is a partial packed qkv layer."""
+    adapters = tmp_path / "adapters"
+    eng = VLLMEngine(base, tok, model_dir=model_dir, max_model_len=MAX_LEN, lora_rank=4, adapter_dir=adapters)
+    try:
+        with pytest.raises(RuntimeError, match="samples after sync_weights"):
+            eng.generate(prompts, SamplingParams(n=1, max_new_tokens=4))
+        with pytest.raises(TypeError, match="needs a model adapted by resrl.lora.apply"):
+            eng.sync_weights(base)
+        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=3)
+        first, second = _adapted(base, 4, 21, targets), _adapted(base, 4, 22, targets)
+        eng.sync_weights(first)
+        samples = flat(eng.generate(prompts, params))
+        assert max_error(first, samples, 1.0) < ATOL
+        assert max_error(base, samples, 1.0) > STALE
+        eng.sync_weights(second)
+        samples = flat(eng.generate(prompts, params))
+        assert max_error(second, samples, 1.0) < ATOL
+        assert max_error(first, samples, 1.0) > STALE
+        assert [p.name for p in adapters.iterdir()] == ["sync-000002"]
+        with pytest.raises(ValueError, match="rank 8, the engine was built for rank <= 4"):
+            eng.sync_weights(_adapted(base, 8, 23))
+    finally:
+        eng.close()
+    assert not adapters.exists()
+
+
+def test_lora_training_with_the_vllm_engine_serving_the_adapter(tmp_path):
+    """rollout.lora_serving=adapter in a run: no merged `rollout_init/` export, the engine serves the
+    base from the warm start's `base/` and the adapter written after each step; the on-policy gap
+    stays at rounding; the adapter folders go with the engine."""
+    from small import SMALL_RUN
+
+    from resrl.config import resolve
+    from resrl.tracker import read_metrics
+    from resrl.trainer import Trainer
+
+    cfg = resolve(
+        "tiny",
+        overrides=[
+            *SMALL_RUN,
+            "rollout.engine=vllm",
+            "rollout.lora_serving=adapter",
+            "model.lora_rank=4",
+            "algorithm.objective=nsr",
+            "optim.lr=1e-2",
+            "train.steps=3",
+            f"run.out_dir={tmp_path}",
+            "run.name=v",
+        ],
+    )
+    trainer = Trainer(cfg)
+    assert trainer.engine.model_dir == str(tmp_path / "v" / "base")
+    trainer.fit()
+    assert len(list((tmp_path / "v" / "rollout_adapter" / "rank0").iterdir())) == 1
+    trainer.close()
+    rows = read_metrics(tmp_path / "v")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["rollout/logprob_gap"] < ATOL, row["rollout/logprob_gap"]
+    assert not (tmp_path / "v" / "rollout_init").exists()
+    assert not (tmp_path / "v" / "rollout_adapter" / "rank0").exists()
+
+
 def test_lora_training_with_the_vllm_engine(tmp_path):
     """LoRA RL steps with rollout.engine=vllm: the engine starts from the merged export and takes the
     merged weights after every step (the on-policy gap stays at rounding)."""

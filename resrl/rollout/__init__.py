@@ -145,6 +145,9 @@ def build_engine(
     seed: int = 0,
     rollout_head: bool = False,
     dtype: torch.dtype | None = None,
+    lora_rank: int = 0,
+    adapter_dir: str | None = None,
+    tokenizer_dir: str | None = None,
 ) -> RolloutEngine:
     """The rollout engine `name` sampling from `model` (`cfg`: the run's RolloutConfig).
 
@@ -154,6 +157,9 @@ def build_engine(
     vllm then serves π_roll's model class, hf needs nothing (it hooks the LM head per call).
     `dtype`: what vllm serves in (default: `model`'s parameters'; the trainer passes its compute
     dtype, since its parameters are fp32 master weights); hf generates with `model` as gathered.
+    `lora_rank` > 0 (vllm): `model_dir` is the frozen base and the engine serves the adapter
+    (`rollout.lora_serving=adapter`), written under `adapter_dir` at every sync; `tokenizer_dir`:
+    where vllm reads the tokenizer (default `model_dir`).
     """
     if name == "hf":
         from resrl.rollout.hf import HFEngine
@@ -176,5 +182,8 @@ def build_engine(
             stop_ids=checkpoint_stop_ids(model),
             rollout_head=rollout_head,
             dtype=dtype,
+            lora_rank=lora_rank,
+            adapter_dir=adapter_dir,
+            tokenizer_dir=tokenizer_dir,
         )
     raise ValueError(f"rollout engine {name!r} is not available; accepted: {', '.join(ENGINES)}")

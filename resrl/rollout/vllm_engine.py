@@ -24,6 +24,7 @@ on; `sync_head` copies W₁ and W₂ into it and `SamplingParams.rollout_head` s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import hashlib
@@ -31,6 +32,7 @@ import json
 import os
 import random
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +58,8 @@ _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_o
 # Default CPU KV cache: room for this many full-length sequences at once (vLLM's CPU default
 # would reserve gpu_memory_utilization x host memory, gigabytes for a test model).
 _CPU_KV_SEQUENCES = 64
+# The values vLLM accepts for max_lora_rank.
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 # The vLLM releases whose APIs the engine uses: `reload_weights(weights_iterator=...)` on the model
@@ -134,6 +138,22 @@ def _hf_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, tor
     yield from lora.hf_tensors(named(), scale, dtype)
 
 
+def _adapter_names(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """An adapted model's parameters under its own (unwrapped) names."""
+    for name, param in model.named_parameters():
+        for prefix in _WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        yield name, param
+
+
+def _served_rank(rank: int) -> int:
+    """vLLM's max_lora_rank for an adapter of `rank`: the smallest value it accepts that holds it."""
+    for allowed in _VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest, {_VLLM_LORA_RANKS[-1]}")
+
+
 def _reload(worker: Any, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Runs on the engine's worker (in this process): load checkpoint-format weights in place."""
     reload = getattr(worker, "reload_weights", None) or worker.model_runner.reload_weights
@@ -182,6 +202,12 @@ class VLLMEngine:
     stays a plain HF folder; the head is zero and off until `sync_head`, and
     `SamplingParams(rollout_head=True)` samples from π_roll. Without it the engine is vLLM's own
     class and cannot sample π_roll.
+
+    `lora_rank > 0` serves a LoRA policy with vLLM's LoRA support instead of merged weights:
+    `model_dir` is then the frozen base, and `sync_weights(model)` (an adapted model, `resrl.lora`)
+    writes its adapter as a PEFT folder under `adapter_dir` (a fresh one per sync, the previous one
+    removed) and every later `generate` asks for it with a new `LoRARequest`. `tokenizer_dir`: where
+    vLLM reads the tokenizer (default `model_dir`).
     """
 
     def __init__(
@@ -196,6 +222,9 @@ class VLLMEngine:
         stop_ids: Sequence[int] = (),
         rollout_head: bool = False,
         dtype: torch.dtype | None = None,
+        lora_rank: int = 0,
+        adapter_dir: str | Path | None = None,
+        tokenizer_dir: str | Path | None = None,
         **llm_kwargs: Any,
     ) -> None:
         if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
@@ -213,6 +242,12 @@ class VLLMEngine:
                 f"logprobs_mode={llm_kwargs['logprobs_mode']!r} would not report the sampling "
                 "distribution's log-probs; accepted: 'processed_logprobs' (the default here)"
             )
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+            raise ValueError(f"lora_rank must be an int >= 0, got {lora_rank!r}")
+        if lora_rank and rollout_head:
+            raise ValueError("lora_rank > 0 (serving an adapter) and rollout_head=True cannot be combined")
+        if lora_rank and adapter_dir is None:
+            raise ValueError("lora_rank > 0 needs adapter_dir, a folder for the adapters synced in")
         multiprocessing = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if multiprocessing != "0":
             raise InputError(
@@ -263,7 +298,7 @@ class VLLMEngine:
             )
         kwargs: dict[str, Any] = {
             "model": str(model_dir),
-            "tokenizer": str(model_dir),
+            "tokenizer": str(tokenizer_dir or model_dir),
             "dtype": _DTYPE_NAMES[model_dtype],
             "max_model_len": max_model_len,
             "seed": seed,
@@ -282,6 +317,15 @@ class VLLMEngine:
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = True
+        # Serving an adapter: the base with vLLM's LoRA layers, one adapter live at a time.
+        self.lora_rank = lora_rank
+        self.model_dir = str(model_dir)
+        self._adapter_dir = None if adapter_dir is None else Path(adapter_dir)
+        self._lora_request: Any = None
+        self._lora_syncs = 0
+        if lora_rank:
+            kwargs.update(enable_lora=True, max_lora_rank=_served_rank(lora_rank), max_loras=1)
+            self._adapter_dir.mkdir(parents=True, exist_ok=True)
         kwargs.update(llm_kwargs)
         self._sleep_mode = bool(kwargs.get("enable_sleep_mode", False))
         # What `sleep` freed and `wake_up` has not restored yet.
@@ -322,10 +366,39 @@ class VLLMEngine:
         llm = self._live()
         if "weights" in self._asleep:
             raise RuntimeError("VLLMEngine.sync_weights while its weights sleep; call wake_up first")
-        llm.collective_rpc(_reload, args=(_hf_weights(model, self.dtype),))
+        if self.lora_rank:
+            self._sync_adapter(model)
+        else:
+            llm.collective_rpc(_reload, args=(_hf_weights(model, self.dtype),))
         # A sleeping KV cache holds nothing: waking it resets the prefix cache (`wake_up`).
         if "kv_cache" not in self._asleep:
             llm.reset_prefix_cache()
+
+    def _sync_adapter(self, model: nn.Module) -> None:
+        """Write `model`'s adapter (gathered from its shards: every rank calls this) as a PEFT
+        folder and point later `generate` calls at it with a new LoRARequest id (vLLM caches
+        adapters by id). The previous folder goes: its adapter, if ever used, is loaded already."""
+        from vllm.lora.request import LoRARequest
+
+        from resrl import lora
+
+        if not lora.is_adapted(model):
+            raise TypeError(
+                "this engine serves LoRA adapters (lora_rank > 0): sync_weights needs a model adapted "
+                "by resrl.lora.apply"
+            )
+        rank = model.peft_config[lora.ADAPTER].r
+        if rank > self.lora_rank:
+            raise ValueError(f"the adapter has rank {rank}, the engine was built for rank <= {self.lora_rank}")
+        state = lora.adapter_state(_adapter_names(model))
+        self._lora_syncs += 1
+        folder = self._adapter_dir / f"sync-{self._lora_syncs:06d}"
+        lora.save_adapter(folder, model, state, self.model_dir)
+        old, self._lora_request = self._lora_request, LoRARequest(
+            f"policy-{self._lora_syncs}", self._lora_syncs, str(folder)
+        )
+        if old is not None:
+            shutil.rmtree(old.lora_path, ignore_errors=True)
 
     def sync_head(self, head: nn.Module) -> None:
         """Copy R²PO's rollout head (`resrl.rollout_head.RolloutHead`: W₁ `layer1.weight` [D, D],
@@ -401,6 +474,11 @@ class VLLMEngine:
         llm, self.llm = self.llm, None
         if llm is None:
             return
+        if self._lora_request is not None:
+            shutil.rmtree(self._lora_request.lora_path, ignore_errors=True)
+            self._lora_request = None
+            with contextlib.suppress(OSError):
+                self._adapter_dir.rmdir()
         engine_core = getattr(llm.llm_engine, "engine_core", None)
         if engine_core is not None:
             if self._owns_dist:
@@ -448,6 +526,8 @@ class VLLMEngine:
             return []
         self._check_prompts(prompts, params)
         self._switch_head(llm, params.rollout_head)
+        if self.lora_rank and self._lora_request is None:
+            raise RuntimeError("an engine serving LoRA adapters samples after sync_weights(model) only")
         greedy = params.temperature == 0
         vllm_params = [
             self._vllm.SamplingParams(
@@ -466,7 +546,10 @@ class VLLMEngine:
         ]
         with _rng_preserved():
             outputs = llm.generate(
-                [{"prompt_token_ids": list(p)} for p in prompts], vllm_params, use_tqdm=False
+                [{"prompt_token_ids": list(p)} for p in prompts],
+                vllm_params,
+                use_tqdm=False,
+                lora_request=self._lora_request,
             )
         result = [
             [self._sample(prompt, c) for c in sorted(out.outputs, key=lambda c: c.index)]
