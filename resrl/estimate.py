@@ -19,7 +19,18 @@ previous step are alive until the next optimizer step zeroes them):
   when there is one, then one group's basis;
 - update: the forward and backward of one micro-batch (the LM head on response rows only, the
   loss formed inside the pass), with the gradients of earlier micro-batches alive;
-- optimizer: gradient clipping and the AdamW step (its state created on the first step).
+- optimizer: gradient clipping and the optimizer's step (its state created on the first step).
+
+The optimizer (`optim.name`, `Mode.optim`; `resrl.optim`): adamw (torch's AdamW, two fp32 moments,
+8 bytes per trained parameter) is stepped as torch's AdamW on the fake tensors, as before; the
+low-bit ones keep their state as `resrl.optim.state_bytes` counts it per tensor (a rank's shard),
+~2.03 bytes (adamw8bit, adamw8bit-bnb) or ~1.06 (adamw4bit) per parameter, fp32 moments for
+tensors under 4096 values, allocated as the libraries allocate it (codes, block scales, torchao's
+code tables, the step count); their step is not run but modelled (`_lowbit_step`). "16 bytes per
+trained parameter" below is adamw's: 8 + the optimizer's state bytes per parameter in general
+(adamw8bit: 10.03). adamw4bit and adamw8bit-bnb step no FSDP2-sharded parameters: the trainer
+refuses them, and so does the estimate, in every sharded mode (bf16 compute, several processes,
+offload): fp32 compute on one process without offload only.
 
 How the trainer holds the model (the mode follows `--dtype`, `--world-size`, `--offload`, `--lora-rank`):
 - bf16 compute (`model.dtype=bfloat16`, or auto on CUDA), any number of processes: FSDP2
@@ -83,7 +94,12 @@ processes), and the tests hold the two together within 1% (tests/test_estimate.p
      "frozen_params": int (LoRA: the base's; else 0),
      "mode": {"dtype", "world_size", "offload", "kl_reference", "lora_rank": int (0: full
               fine-tuning), "sharding": "fsdp2" | "none", "state_bytes_per_param": 16 (per
-              trained parameter)},
+              trained parameter: fp32 weight and gradient, 8, plus the optimizer's state; adamw8bit
+              10.03125)},
+     "optimizer": {"name": optim.name, "class": str, "state_bytes": int (the optimizer's state of
+                   this rank, `resrl.optim.state_bytes` of each tensor it steps: its shards under
+                   FSDP2, the adapters' under LoRA), "state_bytes_per_param": float (8 for adamw),
+                   "where": "device" | "host" (offload)},
      "batch": {the StepShape fields}, "capacity_gib": [float], "reserve_gib": float,
      "path": "resrl", "device_peak_bytes": int, "host_peak_bytes": int,
      "phases": {"load" | "prepass" | "update" | "optimizer": {"device_bytes": int, "host_bytes": int}},
@@ -115,6 +131,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from resrl.errors import InputError
+from resrl.optim import OPTIMIZERS, state_bytes, state_bytes_per_param
 
 # The modules (the package's names `kernels.linear_logprob` is the function of that name).
 _LL = importlib.import_module("kernels.linear_logprob")
@@ -128,8 +145,11 @@ DTYPES = ("bfloat16", "float32")
 CUDA_BLOCK = 512
 # Streaming multiprocessors of an H100/H200 (SXM): how many vocabulary splits the forward kernel uses.
 HOPPER_SMS = 132
-# fp32 master weight, fp32 gradient, two fp32 AdamW states.
+# fp32 master weight, fp32 gradient, two fp32 AdamW states (optim.name=adamw, the default; the
+# others: `Mode.state_bytes_per_param`).
 STATE_BYTES = 16
+# fp32 master weight and fp32 gradient of a trained parameter, beside the optimizer's state.
+WEIGHT_GRAD_BYTES = 8
 
 
 def _bench_step():
@@ -220,6 +240,8 @@ class Mode:
     kernels, for-loop AdamW, exact bytes (what `measure_cpu` measures)."""
     lora_rank: int = 0
     """model.lora_rank: > 0 trains LoRA adapters of this rank on a frozen base (`resrl.lora`)."""
+    optim: str = "adamw"
+    """optim.name: the optimizer whose state is counted (`resrl.optim.OPTIMIZERS`)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -230,6 +252,32 @@ class Mode:
             raise InputError(f"--lora-rank must be >= 0, got {self.lora_rank}")
         if self.device not in ("cuda", "cpu"):
             raise InputError(f"device {self.device!r}: accepted cuda, cpu")
+        if self.optim not in OPTIMIZERS:
+            raise InputError(f"optim.name {self.optim!r} is unknown; accepted: {', '.join(OPTIMIZERS)}")
+        spec = OPTIMIZERS[self.optim]
+        if self.sharded and not spec.sharded:
+            # What `resrl.optim.build_optimizer` refuses in the trainer (DTensor parameters).
+            why = [
+                *(["--world-size > 1"] * (self.world_size > 1)),
+                *(["--offload"] * self.offload),
+                *(["--dtype bfloat16"] * (self.dtype != "float32")),
+            ]
+            raise InputError(
+                f"optim.name {self.optim} ({spec.label}) cannot step FSDP2-sharded parameters, and this "
+                f"mode shards the policy ({', '.join(why)}); it runs in one process with --dtype float32 "
+                "and no --offload; sharded modes take: "
+                + ", ".join(n for n, o in OPTIMIZERS.items() if o.sharded)
+            )
+
+    @property
+    def optim_state_bytes_per_param(self) -> float:
+        """Bytes of the optimizer's state per trained parameter (large tensors): adamw 8."""
+        return state_bytes_per_param(self.optim)
+
+    @property
+    def state_bytes_per_param(self) -> float:
+        """fp32 weight (master), fp32 gradient and the optimizer's state per trained parameter."""
+        return WEIGHT_GRAD_BYTES + self.optim_state_bytes_per_param
 
     @property
     def sharded(self) -> bool:
@@ -253,23 +301,26 @@ class Mode:
         per = f" / {w}" if w > 1 else ""
         compute = "bf16" if self.dtype == "bfloat16" else "fp32"
         size = self.compute_dtype.itemsize
+        spec = OPTIMIZERS[self.optim]
+        opt = "AdamW" if self.optim == "adamw" else f"{spec.cls} ({spec.package})"
+        b = f"{self.state_bytes_per_param:.2f}".rstrip("0").rstrip(".")
         if not self.sharded:
-            text = f"fp32 on {ranks}: plain module, weights, gradients and AdamW state (16 B/param)"
+            text = f"fp32 on {ranks}: plain module, weights, gradients and {opt} state ({b} B/param)"
             if self.lora:
                 text = (
                     f"LoRA rank {self.lora_rank}, fp32 on {ranks}: plain module, frozen base (4 B/param), "
-                    "adapters' weights, gradients and AdamW state (16 B/adapter param)"
+                    f"adapters' weights, gradients and {opt} state ({b} B/adapter param)"
                 )
         elif self.lora:
             text = (
                 f"LoRA rank {self.lora_rank}, {compute} compute on {ranks}: FSDP2, frozen {compute} base "
-                f"({size} B/param{per}) and the adapters' fp32 masters, gradients and AdamW state "
-                f"(16 B/adapter param{per}) on {where}"
+                f"({size} B/param{per}) and the adapters' fp32 masters, gradients and {opt} state "
+                f"({b} B/adapter param{per}) on {where}"
             )
         else:
             text = (
                 f"{compute} compute on {ranks}: FSDP2, fp32 master "
-                f"weights, gradients and AdamW state on {where} (16 B/param{per})"
+                f"weights, gradients and {opt} state on {where} ({b} B/param{per})"
             )
         return text + (f", a frozen KL reference ({size} B/param)" if self.kl_reference else "")
 
@@ -287,6 +338,9 @@ class Estimate:
     """Peak live device bytes per phase (per rank)."""
     host: dict[str, int] = field(default_factory=dict)
     """Peak live host bytes per phase (per rank): tensors the trainer places there."""
+    optimizer_state: int = 0
+    """Bytes of the optimizer's state of this rank (`resrl.optim.state_bytes` of every tensor it
+    steps), on the device, or on the host with offload."""
 
     @property
     def device_peak(self) -> int:
@@ -826,6 +880,53 @@ def _update(policy, t: dict, fsdp: _Fsdp | None) -> None:
         fsdp.end_backward()
 
 
+def state_allocations(name: str, numel: int) -> list[int]:
+    """The bytes of each tensor `optim.name` allocates as the state of one tensor of `numel` values
+    (a rank's shard): per moment its uint8 codes, fp32 block scales and (torchao) fp32 code table,
+    or an fp32 moment for a tensor it does not quantize; the step count (torch's and torchao's a
+    0-d fp32 tensor, bitsandbytes' a Python int). They add up to `resrl.optim.state_bytes`."""
+    spec = OPTIMIZERS[name]
+    step = [] if spec.package == "bitsandbytes" else [4]
+    total = state_bytes(name, numel)
+    if total == 2 * 4 * numel + sum(step):
+        return [4 * numel, 4 * numel, *step]
+    table = [4 * 2**spec.bits] if spec.package == "torchao" else []
+    moment = [numel * spec.bits // 8, 4 * -(-numel // spec.block), *table]
+    out = [*moment, *moment, *step]
+    assert sum(out) == total, (name, numel, out, total)
+    return out
+
+
+def _lowbit_step(train: list[torch.Tensor], meter: MemoryTracker, name: str) -> list[torch.Tensor]:
+    """A low-bit optimizer's state for the tensors `train` (fake, on the meter's side: the device,
+    or the host under `on_host`) and its step's temporaries, modelled, not run (torchao compiles
+    its step, bitsandbytes runs its own kernel; neither runs on fake tensors). Returns the state
+    (alive as long as the caller holds it). The state is allocated whole first (the steady state:
+    it exists from step 2 on), then the step's transient peak:
+
+    - torchao (adamw8bit, adamw4bit) steps one parameter at a time (`single_param_adam` compiled
+      by torch.compile, no foreach): the moments are dequantized, updated in fp32 and quantized
+      back per block, and the parameter update reads the fp32 moments. ASSUMPTION (not measured
+      here, torchao is not installed in CI): inductor materializes both new moments in fp32, two
+      fp32 buffers of the tensor's size (8 B/value), of one tensor at a time, so the step's peak is
+      the state plus 8 B x the largest tensor stepped (an upper bound: a kernel that fuses the
+      block reduction with its consumers materializes less).
+    - bitsandbytes (adamw8bit-bnb) updates parameter, codes and absmax in place in one fused
+      blockwise kernel per tensor (fp32 tensors under 4096 values: its 32-bit kernel, in place
+      too): no temporaries of a tensor's size (the shared 256-value code tables are negligible).
+    """
+    if not isinstance(meter, MemoryTracker):
+        raise NotImplementedError(f"optim.name {name}: a real step is not measured here, only estimated")
+    spec = OPTIMIZERS[name]
+    state = [
+        torch.empty(n, dtype=torch.uint8) for p in train for n in state_allocations(name, p.numel())
+    ]
+    if spec.package == "torchao" and train:
+        largest = max(p.numel() for p in train)
+        meter.spike(2 * meter.bytes_of(4 * largest), meter.where)
+    return state
+
+
 def run_phases(
     policy,
     meter,
@@ -837,18 +938,23 @@ def run_phases(
     fsdp: _Fsdp | None = None,
 ) -> None:
     """The step's phases on `policy` (fake or real tensors) in a steady state, each inside
-    `meter.phase(name)`: the optimizer step first (it creates the AdamW state every later phase
-    lives with), then the pre-pass, then one update micro-batch. `train`: what the optimizer
-    steps (the parameters, or the fp32 shards `fsdp` models), with their gradients of a step."""
+    `meter.phase(name)`: the optimizer step first (it creates the optimizer state every later
+    phase lives with), then the pre-pass, then one update micro-batch. `train`: what the optimizer
+    steps (the parameters, or the fp32 shards `fsdp` models), with their gradients of a step.
+    `mode.optim`: adamw is torch's AdamW stepped here; a low-bit one's state and step are modelled
+    (`_lowbit_step`, the fake-tensor estimate only)."""
     cpu_step = mode.offload or mode.device == "cpu"
     with meter.on_host(mode.offload):
         for p in train:
             p.grad = torch.zeros_like(p)
             meter.register(p.grad, "host" if mode.offload else "device")
-    optimizer = torch.optim.AdamW(train, lr=1e-6, weight_decay=0.1, foreach=not cpu_step)
     with meter.phase("optimizer"), meter.on_host(mode.offload):
         torch.nn.utils.clip_grad_norm_(train, 1.0, foreach=not cpu_step)
-        optimizer.step()
+        if mode.optim == "adamw":
+            optimizer = torch.optim.AdamW(train, lr=1e-6, weight_decay=0.1, foreach=not cpu_step)
+            optimizer.step()
+        else:
+            optimizer = _lowbit_step(train, meter, mode.optim)
     d = policy.model.config.hidden_size
     with meter.phase("prepass"):
         _prepass(policy, meter, shape, inputs, d, mode.compute_dtype, mode)
@@ -969,6 +1075,7 @@ def estimate(
         sum(p.numel() for p in policy.parameters() if not p.requires_grad),
         device={k: peaks[k]["device"] for k in PHASES},
         host={k: peaks[k]["host"] for k in PHASES},
+        optimizer_state=sum(state_bytes(mode.optim, p.numel()) for p in train),
     )
 
 
@@ -1099,6 +1206,11 @@ def table(rows: list[Estimate], capacities: list[float], reserve_gib: float) -> 
     return "\n".join(lines)
 
 
+def _number(x: float) -> int | float:
+    """An integral float as an int (the JSON's 16, not 16.0)."""
+    return int(x) if float(x).is_integer() else x
+
+
 def _report(
     name: str, rows: list[Estimate], shape: StepShape, capacities: list[float], reserve: float
 ) -> dict:
@@ -1115,7 +1227,14 @@ def _report(
             "kl_reference": m.kl_reference,
             "lora_rank": m.lora_rank,
             "sharding": "fsdp2" if m.sharded else "none",
-            "state_bytes_per_param": STATE_BYTES,
+            "state_bytes_per_param": _number(m.state_bytes_per_param),
+        },
+        "optimizer": {
+            "name": m.optim,
+            "class": OPTIMIZERS[m.optim].label,
+            "state_bytes": top.optimizer_state,
+            "state_bytes_per_param": _number(m.optim_state_bytes_per_param),
+            "where": "host" if m.offload else "device",
         },
         "batch": asdict(shape),
         "capacity_gib": capacities,
@@ -1158,6 +1277,8 @@ def main(args) -> int:
         offload=args.offload,
         kl_reference=args.kl_reference,
         lora_rank=args.lora_rank,
+        # optim.name: `resrl estimate --optim NAME` where the command line has the flag.
+        optim=getattr(args, "optim", None) or "adamw",
     )
     reports = []
     for name in args.model:
@@ -1177,6 +1298,11 @@ def main(args) -> int:
                     f"{rows[0].params / 1e6:.1f} M trained parameters (the adapters) "
                     f"on a {rows[0].frozen / 1e9:.2f} B frozen base"
                 )
+            where = "the host" if mode.offload else "the GPU" if mode.device == "cuda" else "the CPU"
+            print(
+                f"optimizer {mode.optim} ({OPTIMIZERS[mode.optim].label}): "
+                f"{rows[0].optimizer_state / GIB:.2f} GiB of state per rank on {where}"
+            )
             print(f"{trained}; GiB per rank, device per phase, then peaks")
             print(table(rows, capacities, args.reserve), flush=True)
     if args.json:
