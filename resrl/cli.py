@@ -96,7 +96,9 @@ def _variant_list(text: str) -> list[str]:
 
     variants = [v.strip() for v in text.split(",") if v.strip()]
     if not variants:
-        raise argparse.ArgumentTypeError(f"no variants in {text!r}; accepted: comma-separated from {','.join(VARIANTS)}")
+        raise argparse.ArgumentTypeError(
+            f"no variants in {text!r}; accepted: comma-separated from {','.join(VARIANTS)}"
+        )
     for v in variants:
         try:
             variant_overrides(v)

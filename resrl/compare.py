@@ -57,7 +57,9 @@ def parse_variant_sets(items: list[str], variants: list[str]) -> dict[str, list[
         if not sep or "=" not in override:
             raise InputError(f"--set {item!r}: expected VARIANT:key=value, e.g. resrl-lora8:optim.lr=2e-3")
         if variant not in variants:
-            raise InputError(f"--set {item!r}: variant {variant!r} is not among --variants ({', '.join(variants)})")
+            raise InputError(
+                f"--set {item!r}: variant {variant!r} is not among --variants ({', '.join(variants)})"
+            )
         out.setdefault(variant, []).append(override)
     return out
 
@@ -90,11 +92,11 @@ def run_comparison(
     if len(set(seeds)) < len(seeds) or len(set(variants)) < len(variants):
         raise InputError(f"seeds {seeds} and variants {variants} must not repeat")
     per_variant = {v: variant_overrides(v) + list((variant_sets or {}).get(v, [])) for v in variants}
-    for extra in (variant_sets or {}):
+    for extra in variant_sets or {}:
         if extra not in per_variant:
             raise InputError(f"overrides given for {extra!r}, which is not among the variants {variants}")
     base = resolve(preset, config_file, overrides)
-    for v, extra in per_variant.items():
+    for extra in per_variant.values():
         # A bad per-variant override is refused before any warm start runs.
         resolve(preset, config_file, [*overrides, *extra])
     root = check_writable(Path(base.run.out_dir) / name, what="config run.out_dir")

@@ -574,7 +574,10 @@ class Config:
             if self.model.lora_rank > LORA_SERVING_MAX_RANK:
                 needs.append(f"model.lora_rank <= {LORA_SERVING_MAX_RANK} (vLLM's largest)")
             if needs:
-                _fail("rollout.lora_serving", f"adapter needs {' and '.join(needs)}; or use merged (the default)")
+                _fail(
+                    "rollout.lora_serving",
+                    f"adapter needs {' and '.join(needs)}; or use merged (the default)",
+                )
         if self.r2po.enabled and self.rollout.n < 2:
             _fail(
                 "rollout.n",

@@ -413,7 +413,9 @@ def _adapted(base, rank: int, seed: int, targets: str | None = None):
 
 
 @pytest.mark.parametrize("targets", [None, "[q_proj,v_proj,down_proj]"])
-def test_an_engine_serving_the_adapter_samples_the_adapted_policy(base, tok, model_dir, prompts, tmp_path, targets):
+def test_an_engine_serving_the_adapter_samples_the_adapted_policy(
+    base, tok, model_dir, prompts, tmp_path, targets
+):
     """rollout.lora_serving=adapter: the engine holds the base and serves the adapter (vLLM's LoRA
     layers, a PEFT folder and a new LoRARequest per sync); its log-probs equal the adapted trainer's,
     a second sync replaces the first adapter, and only the live adapter's folder stays on disk.

@@ -389,13 +389,16 @@ class VLLMEngine:
             )
         rank = model.peft_config[lora.ADAPTER].r
         if rank > self.lora_rank:
-            raise ValueError(f"the adapter has rank {rank}, the engine was built for rank <= {self.lora_rank}")
+            raise ValueError(
+                f"the adapter has rank {rank}, the engine was built for rank <= {self.lora_rank}"
+            )
         state = lora.adapter_state(_adapter_names(model))
         self._lora_syncs += 1
         folder = self._adapter_dir / f"sync-{self._lora_syncs:06d}"
         lora.save_adapter(folder, model, state, self.model_dir)
-        old, self._lora_request = self._lora_request, LoRARequest(
-            f"policy-{self._lora_syncs}", self._lora_syncs, str(folder)
+        old, self._lora_request = (
+            self._lora_request,
+            LoRARequest(f"policy-{self._lora_syncs}", self._lora_syncs, str(folder)),
         )
         if old is not None:
             shutil.rmtree(old.lora_path, ignore_errors=True)
