@@ -3,9 +3,10 @@
 Two ways for the engine to sample a LoRA policy:
 - merged: the engine holds W + (alpha/r) B A; every sync streams all weights (`VLLMEngine.sync_weights`,
   `resrl.lora.hf_tensors`), sampling costs what the base model costs;
-- adapter: the engine holds the frozen base and serves the adapter (`enable_lora`, a `LoRARequest`
-  per sync pointing at a PEFT folder written by `resrl.lora.save_adapter`); a sync writes and loads
-  only the adapter, but every token pays the adapter's extra GEMMs.
+- adapter (`rollout.lora_serving=adapter`): the engine holds the frozen base and serves the adapter
+  (`enable_lora`, a `LoRARequest` per sync naming a PEFT folder written by `resrl.lora.save_adapter`);
+  a sync writes and loads only the adapter, but every token pays the adapter's extra GEMMs.
+Both go through `VLLMEngine`, the trainer's engine, with its default KV cache.
 Reported per mode: sampling time per token (G responses of fixed length per prompt, after a warm-up)
 and the sync time. Run in the vLLM environment (`make setup-vllm`):
 
@@ -48,9 +49,6 @@ def main() -> int:
     ap.add_argument("--record", action="store_true", help="append rows to bench/results/lora_rollout.jsonl")
     args = ap.parse_args()
 
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
-
     tok = build_char_tokenizer()
     base = build_qwen3(
         vocab_size=len(tok), hidden_size=args.hidden, num_layers=args.layers, num_heads=4, num_kv_heads=2,
@@ -82,45 +80,39 @@ def main() -> int:
     engine = VLLMEngine(base, tok, model_dir=work / "base", max_model_len=256)
     ours = OurParams(n=args.n, temperature=1.0, max_new_tokens=args.tokens, seed=1)
 
-    def merged_generate() -> int:
+    def sample() -> int:
+        # `engine` is whichever engine is being measured.
         out = engine.generate(prompts, ours)
         return sum(len(s.response_ids) for group in out for s in group)
 
+    engine.sync_weights(adapted)
     t = time.perf_counter()
     engine.sync_weights(adapted)
     sync = time.perf_counter() - t
-    rows.append({"mode": "merged", "ms_per_token": 1e3 * per_token(merged_generate), "sync_s": sync})
+    rows.append({"mode": "merged", "ms_per_token": 1e3 * per_token(sample), "sync_s": sync})
     engine.close()
 
-    # adapter: vLLM's LoRA support on the frozen base.
-    llm = LLM(
-        model=str(work / "base"), tokenizer=str(work / "base"), dtype="float32", max_model_len=256,
-        enforce_eager=True, enable_lora=True, max_lora_rank=args.rank, seed=0,
-        kv_cache_memory_bytes=engine_kv_bytes(base, args),
-    )  # fmt: skip
-    params = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.tokens, logprobs=0, seed=1)
-    requests = [{"prompt_token_ids": p} for p in prompts]
-    state = lora.adapter_state(adapted.named_parameters())
-    ids = iter(range(1, 1 << 30))
+    # adapter: the same engine serving the adapter on the frozen base (rollout.lora_serving=adapter).
+    engine = VLLMEngine(
+        base,
+        tok,
+        model_dir=work / "base",
+        max_model_len=256,
+        lora_rank=args.rank,
+        adapter_dir=work / "adapters",
+    )
 
-    def adapter_sync() -> LoRARequest:
-        folder = work / "adapter"
-        lora.save_adapter(folder, adapted, state, str(work / "base"))
-        request = LoRARequest(f"policy-{next(ids)}", next(ids), str(folder))
-        # The engine loads an adapter when a request first names it: part of the sync.
-        llm.generate(requests[:1], SamplingParams(max_tokens=1), lora_request=request, use_tqdm=False)
-        return request
+    def adapter_sync() -> None:
+        engine.sync_weights(adapted)
+        # vLLM loads an adapter when a request first names it: part of the sync.
+        engine.generate(prompts[:1], OurParams(n=1, temperature=1.0, max_new_tokens=1, seed=0))
 
     adapter_sync()
     t = time.perf_counter()
-    request = adapter_sync()
+    adapter_sync()
     sync = time.perf_counter() - t
-
-    def adapter_generate() -> int:
-        out = llm.generate(requests, params, lora_request=request, use_tqdm=False)
-        return sum(len(c.token_ids) for o in out for c in o.outputs)
-
-    rows.append({"mode": "adapter", "ms_per_token": 1e3 * per_token(adapter_generate), "sync_s": sync})
+    rows.append({"mode": "adapter", "ms_per_token": 1e3 * per_token(sample), "sync_s": sync})
+    engine.close()
     import vllm
 
     info = {**environment(torch.device("cpu")), "vllm": vllm.__version__}
@@ -136,12 +128,6 @@ def main() -> int:
         if args.record:
             append_results("lora_rollout.jsonl", [{**shape, **row, **info}])
     return 0
-
-
-def engine_kv_bytes(model, args) -> int:
-    """KV cache room for every sequence of the batch at full length, fp32."""
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * 256 * args.prompts * args.n
 
 
 if __name__ == "__main__":
