@@ -20,13 +20,24 @@ an out-of-memory is reported as such, with the phase it hit, and so are a path s
 `--path-timeout` and one skipped because its host memory (below) exceeds what the machine has
 available. With `--record` each path's row is appended the moment the path ends.
 
+`--lora-rank R` runs the same step with LoRA adapters of rank R (`model.lora_rank=R`: the trainer's
+own LoRA path, `resrl.lora.apply` on the frozen base in the compute dtype, fp32 adapters in every
+linear layer of the decoder blocks, the only parameters the optimizer steps). The frozen base is
+the model built from the config with random weights, written once to the path's temporary run
+folder as the trainer does for a LoRA run without `model.path` (`resrl.lora.base_folder`), then
+loaded. Every row carries `lora_rank` (0: full fine-tuning), `trained_params`, `frozen_params` and
+`optimizer_state_bytes` (the bytes of the optimizer's state tensors on this rank after the
+measured step), so full and LoRA rows of one shape can be set side by side.
+
 Host memory: each path builds one fp32 model on the CPU (4 bytes per parameter; no reference copy:
 kl_coef 0); with `--offload` the fp32 master weights, gradients and AdamW state stay there (16
-bytes per parameter: Qwen3-4B 64 GB, 8B 131 GB, 14B 236 GB). The child's peak resident memory is
-in its row (`host_peak_gib`).
+bytes per parameter: Qwen3-4B 64 GB, 8B 131 GB, 14B 236 GB); under LoRA the fp32 build of the base
+(4 bytes per parameter) is the most. The child's peak resident memory is in its row
+(`host_peak_gib`).
 
     python bench/bench_step.py --model qwen3-4b                      # both paths, one GPU
     python bench/bench_step.py --model qwen3-4b --offload --paths resrl --path-timeout 220
+    python bench/bench_step.py --model qwen3-4b --lora-rank 8        # the same step, LoRA rank 8
     python bench/bench_step.py --model tiny --device cpu             # smoke run (CI does this)
     ... --record                                                      # append to bench/results/step.jsonl
 """
@@ -79,8 +90,11 @@ def param_count(model: str) -> int:
     return m["layers"] * layer + m["vocab"] * h * (1 if m["tied"] else 2) + h
 
 
-def host_need_bytes(model: str, offload: bool) -> int:
-    return param_count(model) * HOST_BYTES_PER_PARAM[offload] + HOST_OVERHEAD_BYTES
+def host_need_bytes(model: str, offload: bool, lora_rank: int = 0) -> int:
+    # LoRA: the base's fp32 build (then its compute-dtype copy, on the host with offload); the
+    # adapters' state is negligible beside it.
+    per_param = 4 if lora_rank else HOST_BYTES_PER_PARAM[offload]
+    return param_count(model) * per_param + HOST_OVERHEAD_BYTES
 
 
 def host_available_bytes() -> int | None:
@@ -184,6 +198,8 @@ def overrides(args, out_dir: str) -> list[str]:
         f"model.max_position_embeddings={args.prompt_len + args.response_len + 8}",
         f"model.gradient_checkpointing={str(not args.no_checkpointing).lower()}",
         f"model.dtype={'float32' if args.device == 'cpu' else 'bfloat16'}",
+        # 0: full fine-tuning; R > 0: LoRA adapters of rank R on a frozen base (`resrl.lora`).
+        f"model.lora_rank={args.lora_rank}",
         f"data.task_train_size={max(64, args.prompts)}",
         "data.task_eval_size=4",
         f"rollout.n={args.n}",
@@ -208,12 +224,39 @@ def overrides(args, out_dir: str) -> list[str]:
     ]
 
 
+def _state_tensors(value) -> list[torch.Tensor]:
+    """The plain tensors holding an optimizer state value: itself, a DTensor's local shard, or a
+    tensor subclass's inner tensors (torchao's quantized moments)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(value, torch.Tensor):
+        return []
+    if isinstance(value, DTensor):
+        return _state_tensors(value.to_local())
+    if type(value) is torch.Tensor or isinstance(value, torch.nn.Parameter):
+        return [value]
+    names, _ = value.__tensor_flatten__()
+    return [t for n in names for t in _state_tensors(getattr(value, n))]
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the storages the optimizer's per-parameter state holds on this rank (each storage
+    once)."""
+    storages = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            for t in _state_tensors(value):
+                st = t.untyped_storage()
+                storages[(str(t.device), st.data_ptr())] = st.nbytes()
+    return sum(storages.values())
+
+
 def run_path(args) -> dict:
     """One path in this process: warm-up steps, then the measured step's metrics."""
     from resrl.config import resolve
     from resrl.trainer import Trainer
 
-    row = {"model": args.model, "path": args.path, "offload": args.offload}
+    row = {"model": args.model, "path": args.path, "offload": args.offload, "lora_rank": args.lora_rank}
     phase = "setup"
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -234,6 +277,12 @@ def run_path(args) -> dict:
             }
             if torch.cuda.is_available() and args.device != "cpu":
                 row["params_billion"] = sum(p.numel() for p in trainer.model.parameters()) / 1e9
+            # DTensors count their global values: the model's, whatever the sharding.
+            params = list(trainer.policy.model.parameters())
+            row["trained_params"] = sum(p.numel() for p in params if p.requires_grad)
+            row["frozen_params"] = sum(p.numel() for p in params if not p.requires_grad)
+            row["optim"] = trainer.cfg.optim.name
+            row["optimizer_state_bytes"] = optimizer_state_bytes(trainer.optimizer)
     except torch.cuda.OutOfMemoryError as err:
         row["status"] = "oom"
         row["phase"] = phase
@@ -282,6 +331,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--offload", action="store_true", help="FSDP2 CPU offload of parameters and optimizer"
     )
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every block's activations")
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="model.lora_rank: train LoRA adapters of this rank on a frozen base (default 0: full fine-tuning)",
+    )
     parser.add_argument("--steps", type=int, default=2, help="steps per path; the last is reported")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument(
@@ -295,6 +350,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("prompts", "n", "prompt_len", "response_len", "micro_batch_tokens", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lora_rank < 0:
+        parser.error(f"--lora-rank must be >= 0 (0: full fine-tuning), got {args.lora_rank}")
     paths = [p for p in args.paths.split(",") if p]
     if not paths or any(p not in PATHS for p in paths):
         parser.error(f"--paths {args.paths!r}: accepted: {', '.join(PATHS)}")
@@ -342,8 +399,9 @@ def run_child(args, path: str, child_args: list[str]) -> dict:
     else:
         status = "killed" if code == -9 else f"failed (exit {code})"
     print(f"bench path {path}: {status}:\n{err[-3000:]}", file=sys.stderr)
-    return {"model": args.model, "path": path, "offload": args.offload, "status": status,
-            "error": err.strip().splitlines()[-1][:300] if err.strip() else "", **env_row}  # fmt: skip
+    return {"model": args.model, "path": path, "offload": args.offload, "lora_rank": args.lora_rank,
+            "status": status, "error": err.strip().splitlines()[-1][:300] if err.strip() else "",
+            **env_row}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -353,12 +411,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(run_path(args)))
         return []
     tests = tests_outcome(args.device)
-    need, available = host_need_bytes(args.model, args.offload), host_available_bytes()
+    need, available = host_need_bytes(args.model, args.offload, args.lora_rank), host_available_bytes()
     rows = []
     child_args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--record"]
     for path in args.path_list:
         if available is not None and need > available:
-            row = {"model": args.model, "path": path, "offload": args.offload,
+            row = {"model": args.model, "path": path, "offload": args.offload, "lora_rank": args.lora_rank,
                    "status": f"skipped: needs ~{need / 2**30:.0f} GiB host memory, {available / 2**30:.0f} available",
                    **parent_environment(args)}  # fmt: skip
         else:
@@ -367,8 +425,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             except KeyboardInterrupt:
                 # Stopped from outside (gpu_check.sh's budget sends SIGINT; the child is killed):
                 # the path in flight is recorded as such before this process ends.
-                row = {"model": args.model, "path": path, "offload": args.offload, "status": "interrupted",
-                       **parent_environment(args)}  # fmt: skip
+                row = {"model": args.model, "path": path, "offload": args.offload,
+                       "lora_rank": args.lora_rank, "status": "interrupted", **parent_environment(args)}  # fmt: skip
         row.update(host_need_gib=need / 2**30, tests=tests)
         rows.append(row)
         if args.record:
@@ -376,7 +434,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if row["status"] == "interrupted":
             raise SystemExit(f"bench_step: interrupted during the {path} path")
     tokens = args.prompts * args.n * (args.prompt_len + 0.75 * args.response_len)
-    print(f"{args.model}, ~{int(tokens)} tokens/step, offload={args.offload}, {rows[0].get('device', '?')}")
+    lora = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tuning"
+    print(
+        f"{args.model}, ~{int(tokens)} tokens/step, {lora}, offload={args.offload}, {rows[0].get('device', '?')}"
+    )
     print(table(rows))
     return rows
 

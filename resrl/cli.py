@@ -582,6 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
         "full fine-tuning)",
     )
     p.add_argument(
+        "--optim",
+        choices=["adamw", "adamw8bit", "adamw4bit", "adamw8bit-bnb"],
+        default="adamw",
+        help="optim.name: the optimizer whose state is counted (adamw 8 B/param; adamw8bit and adamw8bit-bnb "
+        "~2.03; adamw4bit ~1.06; the last two only with --dtype float32, one GPU, no --offload)",
+    )
+    p.add_argument(
         "--gpu-mem",
         type=_float_in(0.0, 1e6, low_open=True),
         nargs="+",

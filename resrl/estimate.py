@@ -918,9 +918,7 @@ def _lowbit_step(train: list[torch.Tensor], meter: MemoryTracker, name: str) -> 
     if not isinstance(meter, MemoryTracker):
         raise NotImplementedError(f"optim.name {name}: a real step is not measured here, only estimated")
     spec = OPTIMIZERS[name]
-    state = [
-        torch.empty(n, dtype=torch.uint8) for p in train for n in state_allocations(name, p.numel())
-    ]
+    state = [torch.empty(n, dtype=torch.uint8) for p in train for n in state_allocations(name, p.numel())]
     if spec.package == "torchao" and train:
         largest = max(p.numel() for p in train)
         meter.spike(2 * meter.bytes_of(4 * largest), meter.where)

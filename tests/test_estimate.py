@@ -16,6 +16,7 @@ import json
 import pytest
 
 from resrl.cli import main
+from resrl.errors import InputError
 from resrl.estimate import (
     DTYPES,
     GIB,
@@ -27,7 +28,9 @@ from resrl.estimate import (
     estimate,
     measure_cpu,
     model_names,
+    state_allocations,
 )
+from resrl.optim import OPTIMIZERS, state_bytes
 
 # tests/small.py's model (vocabulary: a size that is not a power of two, as the char tokenizer's).
 SMALL = dict(hidden=64, layers=2, heads=2, kv=1, mlp=128, tied=True, vocab=61, head_dim=32)
@@ -373,7 +376,160 @@ def test_unknown_model_lists_the_accepted_ones(capsys):
         (["--world-size", "3"], "--mini-batch-prompts 64 must be a multiple of --world-size 3"),
         (["--dtype", "float16"], "--dtype"),
         (["--lora-rank", "-1"], "--lora-rank"),
+        (["--optim", "adamw4bit"], "adamw4bit"),
+        (["--optim", "sgd"], "--optim"),
     ],
 )
 def test_bad_arguments_are_one_line(capsys, argv, says):
     assert says in _user_error(capsys, ["estimate", "--model", "qwen3-0.6b", *argv])
+
+
+# --------------------------------------------------------------------------- optim.name
+
+
+# As the weight-state tests: fake tensors, the GPU path, Qwen3's vocabulary (an untied head: the
+# embeddings and the head are the largest tensors, 77.8 M values each).
+QWEN_VOCAB_DIMS = dict(hidden=512, layers=2, heads=4, kv=2, mlp=1536, tied=False, vocab=151936, head_dim=128)
+TINY_BATCH = StepShape(prompts=2, n=2, mini_batch_prompts=2, prompt_len=8, response_len=8, micro_batch_size=2)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_state_allocations_add_up_to_what_resrl_optim_counts(name):
+    # Under the quantization threshold, at it, not a multiple of 128 or 256, large.
+    for n in (1, 4095, 4096, 4160, 8320, 256 * 512, 151936 * 512 // 3):
+        assert sum(state_allocations(name, n)) == state_bytes(name, n), n
+
+
+def test_default_optimizer_is_adamw_and_its_estimate_is_unchanged():
+    assert Mode().optim == "adamw" and Mode().state_bytes_per_param == 16
+    est = estimate(QWEN_VOCAB_DIMS, TINY_BATCH)
+    named = estimate(QWEN_VOCAB_DIMS, TINY_BATCH, mode=Mode(optim="adamw"))
+    assert (est.device, est.host) == (named.device, named.host)
+    # Two fp32 moments and a 0-d step per tensor (q, k, v, o, their two norms, gate, up, down,
+    # two norms: 11 per block; the embeddings, the final norm, the head).
+    assert est.optimizer_state == 8 * est.params + 4 * (11 * 2 + 3)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        Mode(),
+        Mode(world_size=4),
+        Mode(offload=True),
+        Mode(offload=True, world_size=2, kl_reference=True),
+        Mode(dtype="float32"),
+    ],
+    ids=["1gpu", "4gpus", "offload", "offload-2gpus-kl", "fp32-plain"],
+)
+def test_adamw8bit_holds_a_quarter_of_adamws_state_and_lowers_the_peak_by_the_difference(mode):
+    full = estimate(QWEN_VOCAB_DIMS, TINY_BATCH, mode=mode)
+    low = estimate(QWEN_VOCAB_DIMS, TINY_BATCH, mode=dataclasses.replace(mode, optim="adamw8bit"))
+    p, w = full.params, mode.world_size
+    assert low.params == p
+    # 2 + 8/256 bytes per value against 8: the state is about 2.03/8 of adamw's.
+    assert low.optimizer_state / full.optimizer_state == pytest.approx(2.03125 / 8, rel=0.01)
+    saved = full.optimizer_state - low.optimizer_state
+    assert saved == pytest.approx((8 - 2.03125) * p / w, rel=0.01)
+    where = "host" if mode.offload else "device"
+    # The update lives with the state: it holds exactly the difference less.
+    assert full.__dict__[where]["update"] - low.__dict__[where]["update"] == pytest.approx(saved, abs=2**20)
+    # The optimizer step: weights and gradients (8 B/param), the 8-bit state, and torchao's
+    # temporaries of its largest tensor (assumed two fp32 buffers: 8 B/value of the embeddings).
+    largest = 151936 * 512 / w
+    reference = 2 * p / w if mode.kl_reference else 0
+    expected = 8 * p / w + low.optimizer_state + 8 * largest + reference
+    assert _mib(low.__dict__[where]["optimizer"]) == pytest.approx(_mib(expected), rel=0.02)
+    if not mode.offload:
+        # The device peak drops by the state saved, and at most by the foreach AdamW's sqrt(v)
+        # more (4 B/param) where adamw's peak is its step.
+        drop = full.device_peak - low.device_peak
+        assert saved - 2**20 <= drop <= saved + 4 * p / w + 2**20
+    else:
+        assert low.device == full.device
+        assert full.host_peak - low.host_peak == pytest.approx(saved, abs=2**20)
+
+
+def test_the_other_low_bit_optimizers_in_fp32_on_one_process():
+    mode = Mode(dtype="float32")
+    full = estimate(QWEN_VOCAB_DIMS, TINY_BATCH, mode=mode)
+    p = full.params
+    four = estimate(QWEN_VOCAB_DIMS, TINY_BATCH, mode=dataclasses.replace(mode, optim="adamw4bit"))
+    bnb = estimate(QWEN_VOCAB_DIMS, TINY_BATCH, mode=dataclasses.replace(mode, optim="adamw8bit-bnb"))
+    assert four.optimizer_state / full.optimizer_state == pytest.approx(1.0625 / 8, rel=0.01)
+    assert bnb.optimizer_state / full.optimizer_state == pytest.approx(2.03125 / 8, rel=0.01)
+    # bitsandbytes steps in place (no temporaries of a tensor's size); torchao as above.
+    assert _mib(bnb.device["optimizer"]) == pytest.approx(_mib(8 * p + bnb.optimizer_state), rel=0.01)
+    expected = 8 * p + four.optimizer_state + 8 * 151936 * 512
+    assert _mib(four.device["optimizer"]) == pytest.approx(_mib(expected), rel=0.01)
+    assert four.device_peak < bnb.device_peak < full.device_peak
+
+
+@pytest.mark.parametrize("mode", [Mode(lora_rank=8), Mode(lora_rank=8, world_size=2)], ids=["1gpu", "2gpus"])
+def test_lora_counts_the_low_bit_state_of_the_adapters_only(mode):
+    adamw = estimate(QWEN_VOCAB_DIMS, TINY_BATCH, mode=mode)
+    low = estimate(QWEN_VOCAB_DIMS, TINY_BATCH, mode=dataclasses.replace(mode, optim="adamw8bit"))
+    w, r = mode.world_size, 8
+    # A [r, in] and B [out, r] of q, k, v, o, gate, up, down; shards: dim 0 over the processes.
+    d, q, kv, f = 512, 4 * 128, 2 * 128, 1536
+    shapes = [(r, d), (q, r), (r, d), (kv, r), (r, d), (kv, r), (r, q), (d, r),
+              (r, d), (f, r), (r, d), (f, r), (r, f), (d, r)] * 2  # fmt: skip
+    local = [-(-a // w) * b for a, b in shapes]
+    assert low.params == adamw.params == sum(a * b for a, b in shapes)
+    assert low.optimizer_state == sum(state_bytes("adamw8bit", n) for n in local)
+    assert adamw.optimizer_state == sum(state_bytes("adamw", n) for n in local)
+    # Adapter tensors of 4096 values carry torchao's two 1 KiB code tables: more than 2.03 B/value;
+    # over 2 processes the A shards ([4, 512]) fall under 4096 values and keep fp32 moments.
+    assert low.optimizer_state < adamw.optimizer_state / (2 if w == 1 else 1.4)
+    saved = adamw.optimizer_state - low.optimizer_state
+    assert adamw.device["update"] - low.device["update"] == pytest.approx(saved, abs=2**16)
+
+
+@pytest.mark.parametrize("name", ["adamw4bit", "adamw8bit-bnb"])
+def test_optimizers_that_step_no_sharded_parameters_are_refused_where_the_trainer_shards(name):
+    for mode in (dict(), dict(dtype="float32", world_size=2), dict(dtype="float32", offload=True)):
+        with pytest.raises(InputError, match="cannot step FSDP2-sharded parameters"):
+            Mode(optim=name, **mode)
+    Mode(optim=name, dtype="float32")
+    with pytest.raises(InputError, match="optim.name 'sgd' is unknown"):
+        Mode(optim="sgd")
+
+
+def _estimate_cli(capsys, argv: list[str], optim: str | None) -> str:
+    """`resrl estimate` with optim.name (the `--optim` flag's value, as the CLI hands it over)."""
+    from resrl.cli import build_parser
+    from resrl.estimate import main as estimate_main
+
+    args = build_parser().parse_args(["estimate", *argv])
+    if optim is not None:
+        args.optim = optim
+    assert estimate_main(args) == 0
+    return capsys.readouterr().out
+
+
+def test_json_and_table_name_the_optimizer_and_its_state(capsys, two_models):
+    argv = ["--model", two_models[1], "--paths", "resrl", *BATCH]
+    default = json.loads(_estimate_cli(capsys, [*argv, "--json"], None))
+    adamw = json.loads(_estimate_cli(capsys, [*argv, "--json"], "adamw"))
+    low = json.loads(_estimate_cli(capsys, [*argv, "--json"], "adamw8bit"))
+    assert default == adamw
+    assert adamw["mode"]["state_bytes_per_param"] == 16
+    assert adamw["optimizer"] == {
+        "name": "adamw",
+        "class": "torch AdamW",
+        "state_bytes": adamw["optimizer"]["state_bytes"],
+        "state_bytes_per_param": 8,
+        "where": "device",
+    }
+    assert adamw["optimizer"]["state_bytes"] == pytest.approx(8 * adamw["params"], rel=0.001)
+    assert low["mode"]["state_bytes_per_param"] == 10.03125
+    assert low["optimizer"]["name"] == "adamw8bit" and low["optimizer"]["state_bytes_per_param"] == 2.03125
+    assert low["optimizer"]["state_bytes"] / adamw["optimizer"]["state_bytes"] == pytest.approx(
+        2.03 / 8, rel=0.01
+    )
+    assert low["device_peak_bytes"] < adamw["device_peak_bytes"]
+    out = _estimate_cli(capsys, argv, "adamw8bit")
+    assert (
+        "FSDP2, fp32 master weights, gradients and AdamW8bit (torchao) state on the GPU (10.03 B/param)"
+        in out
+    )
+    assert "optimizer adamw8bit (torchao AdamW8bit): 0.0" in out
