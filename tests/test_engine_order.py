@@ -84,6 +84,9 @@ def _engine(on_cpu: bool) -> VLLMEngine:
     engine._sleep_mode = not on_cpu
     engine._asleep = set()
     engine.dtype = torch.bfloat16
+    # Merged weights (rollout.lora_serving=merged, or no LoRA).
+    engine.lora_rank = 0
+    engine._lora_request = None
     return engine
 
 
