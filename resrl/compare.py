@@ -33,6 +33,15 @@ VARIANTS: dict[str, list[str]] = {
 }
 TABLE_KEYS = ("pass@1", "avg@", "maj@", "distinct_correct_solutions")
 LORA_SUFFIX = "-lora"
+# Keys the comparison sets for every run, and why (a per-variant override of one would be ignored).
+OWNED_KEYS = {
+    "run.seed": "from --seeds",
+    "run.out_dir": "the comparison's folder",
+    "run.name": "<variant>-s<seed>",
+    "model.path": "the shared warm start",
+    "data.tokenizer": "the shared warm start's",
+    "sft.steps": "0: the warm start is shared",
+}
 
 
 def variant_overrides(name: str) -> list[str]:
@@ -92,6 +101,14 @@ def run_comparison(
     if len(set(seeds)) < len(seeds) or len(set(variants)) < len(variants):
         raise InputError(f"seeds {seeds} and variants {variants} must not repeat")
     per_variant = {v: variant_overrides(v) + list((variant_sets or {}).get(v, [])) for v in variants}
+    for variant, extra in (variant_sets or {}).items():
+        for override in extra:
+            key = override.partition("=")[0].strip()
+            if key in OWNED_KEYS:
+                raise InputError(
+                    f"--set {variant}:{override}: the comparison sets {key} itself for every run "
+                    f"({OWNED_KEYS[key]}); per-variant overrides take any other key"
+                )
     for extra in variant_sets or {}:
         if extra not in per_variant:
             raise InputError(f"overrides given for {extra!r}, which is not among the variants {variants}")

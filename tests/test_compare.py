@@ -67,6 +67,10 @@ def test_lora_variants_share_the_warm_start_with_their_own_lr(tmp_path, capsys):
         (["--set", "resrl:optim.lr=1"], "variant 'resrl' is not among --variants"),
         (["--set", "grpo-lora4"], "expected VARIANT:key=value"),
         (["--set", "grpo-lora4:optim.lr=-1"], "optim.lr"),
+        (
+            ["--set", "grpo-lora4:run.seed=3"],
+            "the comparison sets run.seed itself for every run (from --seeds)",
+        ),
     ):
         assert main([*args, "--name", "bad", *extra]) == 2
         assert message in capsys.readouterr().err
