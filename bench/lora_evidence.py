@@ -2,8 +2,9 @@
 
 Reads a comparison's `compare.json` (`resrl compare ... --variants grpo,resrl,grpo-lora1,...`) and
 writes a markdown table (held-out pass@k, mean ± std over seeds, with each run's learning rate and
-trained parameters) and one PNG with a panel per objective: pass@k curves of full fine-tuning and
-each LoRA rank, shaded ± std over seeds, the shared starting policy dashed.
+trained parameters) and one PNG with a panel per objective: the pass@k gain over the starting
+policy of full fine-tuning and of each LoRA rank, paired by seed (each run minus its own seed's
+start, which removes most of the seed spread), mean ± std over seeds.
 
     .venv/bin/python bench/lora_evidence.py runs/lora/compare.json --table docs/lora.md --plot docs/lora_pass_at_k.png
 """
@@ -116,28 +117,34 @@ def plot(compare: Path, path: Path) -> None:
         stats = [_stats([s[f"pass@{k}"] for s in summaries]) for k in ks]
         return ks, [m for m, _ in stats], [s for _, s in stats]
 
+    befores = [first[s].get("eval_before") for s in seeds]
+    if not all(befores):
+        raise SystemExit(
+            "lora_evidence: the runs did not evaluate before RL (eval.before=false); no gain to plot"
+        )
     for ax, objective in zip(axes, objectives, strict=True):
-        befores = [first[s].get("eval_before") for s in seeds]
-        if all(befores):
-            ks, mean, _ = curve(befores)
-            ax.plot(ks, mean, "k--", label="start", linewidth=1)
         variants = sorted(
             (v for v in runs if _split(v)[0] == objective), key=lambda v: _split(v)[1] or 1 << 20
         )
         for variant in variants:
-            ks, mean, std = curve([runs[variant][s]["eval_after"] for s in seeds])
+            ks = sorted(int(k[5:]) for k in befores[0] if k.startswith("pass@"))
+            # Paired by seed: each run against its own seed's starting policy.
+            gains = [[runs[variant][s]["eval_after"][f"pass@{k}"] - b[f"pass@{k}"] for s, b in zip(seeds, befores, strict=True)] for k in ks]  # fmt: skip
+            mean = [statistics.fmean(g) for g in gains]
+            std = [statistics.stdev(g) if len(g) > 1 else 0.0 for g in gains]
             rank = _split(variant)[1]
             label = "full fine-tuning" if rank == 0 else f"LoRA rank {rank}"
             (line,) = ax.plot(ks, mean, marker="o", markersize=3, label=label)
             ax.fill_between(ks, [m - s for m, s in zip(mean, std, strict=True)],
                             [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.12)  # fmt: skip
+        ax.axhline(0, color="k", linewidth=0.8, linestyle="--")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
-        ax.set_title(f"{objective}: held-out pass@k after RL")
+        ax.set_title(f"{objective}: held-out pass@k gain over the start")
         ax.set_xlabel("k")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel(f"pass@k (mean ± std over seeds {', '.join(seeds)})")
+    axes[0].set_ylabel(f"pass@k gain (mean ± std, seeds {','.join(seeds)})")
     fig.tight_layout()
     fig.savefig(path)
 
