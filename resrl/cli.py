@@ -177,6 +177,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     with interrupt.stoppable():
         trainer = Trainer(cfg)
         summary = trainer.fit()
+    # The engine (and what it holds on disk: a LoRA run's served adapter), metrics and run lock.
+    trainer.close()
     if trainer.world.is_main:
         _print_table(summary)
         print(f"run directory: {Path(cfg.run.out_dir) / cfg.run.name}")

@@ -157,7 +157,12 @@ def run_comparison(
             summary = (
                 json.loads((root / cfg.run.name / "summary.json").read_text()) if _done(root, cfg) else None
             )
-            results[variant][seed] = summary or Trainer(cfg).fit()
+            if summary is None:
+                trainer = Trainer(cfg)
+                summary = trainer.fit()
+                # Its engine goes before the next run builds one.
+                trainer.close()
+            results[variant][seed] = summary
     report = _report(results)
     (root / "compare.json").write_text(json.dumps({"runs": results, "report": report}, indent=1, default=str))
     (root / "compare.md").write_text(_markdown(report, seeds))

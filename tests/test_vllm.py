@@ -455,9 +455,8 @@ def test_lora_training_with_the_vllm_engine_serving_the_adapter(tmp_path):
     from resrl.tracker import read_metrics
     from resrl.trainer import Trainer
 
-    cfg = resolve(
-        "tiny",
-        overrides=[
+    def cfg_overrides(out, name):
+        return [
             *SMALL_RUN,
             "rollout.engine=vllm",
             "rollout.lora_serving=adapter",
@@ -465,10 +464,11 @@ def test_lora_training_with_the_vllm_engine_serving_the_adapter(tmp_path):
             "algorithm.objective=nsr",
             "optim.lr=1e-2",
             "train.steps=3",
-            f"run.out_dir={tmp_path}",
-            "run.name=v",
-        ],
-    )
+            f"run.out_dir={out}",
+            f"run.name={name}",
+        ]
+
+    cfg = resolve("tiny", overrides=cfg_overrides(tmp_path, "v"))
     trainer = Trainer(cfg)
     assert trainer.engine.model_dir == str(tmp_path / "v" / "base")
     trainer.fit()
@@ -480,6 +480,13 @@ def test_lora_training_with_the_vllm_engine_serving_the_adapter(tmp_path):
         assert row["rollout/logprob_gap"] < ATOL, row["rollout/logprob_gap"]
     assert not (tmp_path / "v" / "rollout_init").exists()
     assert not (tmp_path / "v" / "rollout_adapter" / "rank0").exists()
+    # Through the command line the run ends with nothing of the engine's left on disk.
+    from resrl.cli import main
+
+    args = ["train", "--preset", "tiny", *cfg_overrides(tmp_path, "c")]
+    assert main(args) == 0
+    assert (tmp_path / "c" / "final_adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "c" / "rollout_adapter" / "rank0").exists()
 
 
 def test_lora_training_with_the_vllm_engine(tmp_path):
