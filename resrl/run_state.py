@@ -8,6 +8,7 @@ scheduler, sampler, engine, history, step, ...) and holds no state of its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -173,6 +174,9 @@ class RunState:
         """Let go of the engine and the run directory: a trainer done within a process that goes on
         (the warm start that makes a LoRA run's base)."""
         self.engine.close()
+        # The served adapters' folder (rollout.lora_serving=adapter), once every rank's is gone.
+        with contextlib.suppress(OSError):
+            (self.run_dir / "rollout_adapter").rmdir()
         if self.tracker is not None:
             self.tracker.close()
         rundir.release(self.run_dir)

@@ -112,7 +112,9 @@ def test_vllm_engine_without_vllm(capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        pytest.param(["compare", "--variants", "grpo,ppo"], "unknown variant 'ppo'; available: grpo", id="variant"),
+        pytest.param(
+            ["compare", "--variants", "grpo,ppo"], "unknown variant 'ppo'; available: grpo", id="variant"
+        ),
         pytest.param(["compare", "--seeds", "0,x"], "expected comma-separated ints", id="seeds-not-int"),
         pytest.param(["compare", "--seeds", "1,1"], "seeds must not repeat", id="seeds-repeat"),
         pytest.param(["compare", "--name", "a/b"], "--name: must be a plain folder name", id="name"),

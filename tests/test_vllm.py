@@ -474,6 +474,7 @@ def test_lora_training_with_the_vllm_engine_serving_the_adapter(tmp_path):
     trainer.fit()
     assert len(list((tmp_path / "v" / "rollout_adapter" / "rank0").iterdir())) == 1
     trainer.close()
+    assert not (tmp_path / "v" / "rollout_adapter").exists()
     rows = read_metrics(tmp_path / "v")
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
@@ -486,7 +487,7 @@ def test_lora_training_with_the_vllm_engine_serving_the_adapter(tmp_path):
     args = ["train", "--preset", "tiny", *cfg_overrides(tmp_path, "c")]
     assert main(args) == 0
     assert (tmp_path / "c" / "final_adapter" / "adapter_config.json").is_file()
-    assert not (tmp_path / "c" / "rollout_adapter" / "rank0").exists()
+    assert not (tmp_path / "c" / "rollout_adapter").exists()
 
 
 def test_lora_training_with_the_vllm_engine(tmp_path):
