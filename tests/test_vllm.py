@@ -120,6 +120,14 @@ def response_rows(samples: list[Sample], per_position_BL: torch.Tensor) -> list[
     return rows
 
 
+def synced_samples_follow(engine, synced, other, prompts, params) -> None:
+    """Sync `synced` into `engine`: its samples' log-probs are `synced`'s (to ATOL), not `other`'s."""
+    engine.sync_weights(synced)
+    samples = flat(engine.generate(prompts, params))
+    assert max_error(synced, samples, 1.0) < ATOL
+    assert max_error(other, samples, 1.0) > STALE
+
+
 def max_error(model, samples: list[Sample], temperature: float) -> float:
     """Largest |engine - trainer| sampling log-prob over all response tokens, at `temperature`.
 
@@ -254,14 +262,8 @@ def test_sync_switches_the_engine_from_old_to_new_weights(engine, base, prompts,
     """
     params = SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=9)
     old, new = base, perturbed(base, seed=14, only=only)
-    engine.sync_weights(old)
-    before = flat(engine.generate(prompts, params))
-    assert max_error(old, before, 1.0) < ATOL
-    assert max_error(new, before, 1.0) > STALE
-    engine.sync_weights(new)
-    after = flat(engine.generate(prompts, params))
-    assert max_error(new, after, 1.0) < ATOL
-    assert max_error(old, after, 1.0) > STALE
+    synced_samples_follow(engine, old, new, prompts, params)
+    synced_samples_follow(engine, new, old, prompts, params)
 
 
 def test_close_leaves_other_engines_and_torch_alone(engine, base, tok, model_dir, prompts):
@@ -429,14 +431,8 @@ def test_an_engine_serving_the_adapter_samples_the_adapted_policy(
             eng.sync_weights(base)
         params = SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=3)
         first, second = _adapted(base, 4, 21, targets), _adapted(base, 4, 22, targets)
-        eng.sync_weights(first)
-        samples = flat(eng.generate(prompts, params))
-        assert max_error(first, samples, 1.0) < ATOL
-        assert max_error(base, samples, 1.0) > STALE
-        eng.sync_weights(second)
-        samples = flat(eng.generate(prompts, params))
-        assert max_error(second, samples, 1.0) < ATOL
-        assert max_error(first, samples, 1.0) > STALE
+        synced_samples_follow(eng, first, base, prompts, params)
+        synced_samples_follow(eng, second, first, prompts, params)
         assert [p.name for p in adapters.iterdir()] == ["sync-000002"]
         with pytest.raises(ValueError, match="rank 8, the engine was built for rank <= 4"):
             eng.sync_weights(_adapted(base, 8, 23))
